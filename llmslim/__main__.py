@@ -1,0 +1,3 @@
+from llmslim.cli import app
+
+app(prog_name="llmslim")

@@ -1,0 +1,211 @@
+"""Loading, locating and saving models: devices, dtypes, decoder layers,
+the linear layers inside them, and checkpoints.
+
+Everything here is family-agnostic: decoder layers are found as the
+``nn.ModuleList`` whose length is the config's layer count, and linear layers
+as ``nn.Linear`` or GPT-2's transposed ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmslim.errors import ModelLoadError, UsageError
+
+__all__ = [
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model_path",
+    "load_model",
+    "load_tokenizer",
+    "decoder_layers",
+    "find_linears",
+    "save_checkpoint",
+    "weights_size_bytes",
+    "count_parameters",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when present, else cpu; refuse an absent cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available (use device: auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """The torch dtype for a recipe's ``dtype`` (``auto`` = the checkpoint's)."""
+    if name == "auto":
+        return "auto"
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        # fp16 matmuls are slow or missing on many CPUs; still honoured, but say it.
+        import logging
+
+        logging.getLogger("llmslim").warning("float16 on CPU is slow; bfloat16 or float32 is usually better")
+    return dtype
+
+
+def resolve_model_path(ref: str) -> Path:
+    """A local folder for a model: the folder itself, or the hub cache's snapshot."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except (HfHubHTTPError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"model {ref!r}: {exc}") from None
+    try:
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means "not available"
+        raise ModelLoadError(
+            f"model {ref!r} is not a local folder, not in the local Hugging Face cache, "
+            f"and the hub is unreachable ({type(exc).__name__})"
+        ) from None
+
+
+def _check_weight_files(path: Path, allow_pickle: bool) -> None:
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} has only pickle weights ({', '.join(sorted(pickles))}); pickle files can run code when "
+            "loaded. Convert them to safetensors, or set `allow_pickle: true` in the recipe if you trust them"
+        )
+    if not pickles:
+        raise ModelLoadError(f"{path} holds no weights (*.safetensors)")
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from None
+
+
+def load_model(ref: str, dtype: str = "auto", device: torch.device | str = "cpu", *,
+               trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """Load a causal LM for compression or evaluation, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(ref)
+    device = torch.device(device)
+    _check_weight_files(path, allow_pickle)
+    config = read_config(path)
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") == "gptq":
+        from llmslim.quant.checkpoint import load_gptq_model
+
+        model = load_gptq_model(path, resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot load model from {path}: {exc}") from None
+    model.config.use_cache = True
+    return model.to(device).eval()
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {path}: {exc}") from None
+    return tok
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers."""
+    cfg = model.config
+    count = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if not lists:
+        raise UsageError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+    return lists[0]
+
+
+def is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def find_linears(root: nn.Module, ignore: list[str] = (), prefix: str = "") -> dict[str, nn.Module]:
+    """Linear layers under ``root`` by qualified name, minus ``ignore`` patterns."""
+    found = {}
+    for name, module in root.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (name or prefix)
+        if not is_linear(module):
+            continue
+        if any(fnmatch.fnmatch(full, pat) or fnmatch.fnmatch(full.rsplit(".", 1)[-1], pat) for pat in ignore):
+            continue
+        found[full] = module
+    return found
+
+
+def layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    return next(name for name, m in model.named_modules() if m is layers)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
+    """config, safetensors weights, generation config and tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def weights_size_bytes(folder: Path) -> int:
+    """Bytes of the weight files (safetensors) in a checkpoint folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Logical parameters: a quantized linear counts its full weight matrix."""
+    seen, total = set(), 0
+    for module in model.modules():
+        logical = getattr(module, "logical_parameters", None)
+        if logical is not None:
+            total += logical()
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in ``nn.Linear`` layout [out_features, in_features]."""
+    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
+
+
+def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write a [out, in] weight back in the module's own layout and dtype."""
+    target = module.weight.data
+    target.copy_(weight if isinstance(module, nn.Linear) else weight.t())

@@ -1,0 +1,70 @@
+"""Resolve a validated recipe's paths against its folder and check that what
+it names exists, before any model is loaded."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+from llmslim.data import check_dataset, parse_dataset
+from llmslim.recipe.schema import Recipe
+
+__all__ = ["resolve_paths", "looks_local"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(model: str, base_dir: Path) -> bool:
+    return model.startswith((".", "/", "~")) or (base_dir / model).exists()
+
+
+def _resolve_model(recipe: Recipe, base_dir: Path, add: Callable) -> str:
+    model = recipe.model
+    if looks_local(model, base_dir):
+        path = (base_dir / Path(model).expanduser()).resolve()
+        if not path.is_dir():
+            add(("model",), f"model folder not found: {path}")
+        elif not (path / "config.json").is_file():
+            add(("model",), f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if not _HUB_ID.match(model):
+        add(("model",), f"{model!r} is neither an existing folder nor a hub id such as 'org/name'")
+    return model
+
+
+def _resolve_dataset(spec: str, base_dir: Path, loc: tuple, add: Callable) -> str:
+    ds = parse_dataset(spec, base_dir)
+    why = check_dataset(ds)
+    if why:
+        add(loc, why)
+    return ds.spec()
+
+
+def _cross_checks(recipe: Recipe, add: Callable) -> None:
+    for i, step in enumerate(recipe.steps):
+        if step.NEEDS_CALIBRATION and recipe.calibration is None:
+            add(("steps", i, step.STEP_NAME), f"step {step.STEP_NAME!r} needs a `calibration:` section")
+    b, ev = recipe.budgets, recipe.evaluate
+    if (b.max_perplexity_increase is not None or b.max_perplexity is not None) and ev.perplexity is None:
+        add(("budgets",), "perplexity budgets need `evaluate.perplexity`")
+    if b.min_decode_tokens_per_s is not None and ev.latency is None:
+        add(("budgets", "min_decode_tokens_per_s"), "needs `evaluate.latency`")
+    if b.max_energy_j_per_token is not None and ev.latency is None:
+        add(("budgets", "max_energy_j_per_token"), "needs `evaluate.latency` (energy is measured while decoding)")
+
+
+def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:
+    """A copy of ``recipe`` with absolute paths; problems go to ``add(loc, msg)``."""
+    update: dict = {"model": _resolve_model(recipe, base_dir, add)}
+    if recipe.calibration is not None:
+        ds = _resolve_dataset(recipe.calibration.dataset, base_dir, ("calibration", "dataset"), add)
+        update["calibration"] = recipe.calibration.model_copy(update={"dataset": ds})
+    if recipe.evaluate.perplexity is not None:
+        ppl = recipe.evaluate.perplexity
+        ds = _resolve_dataset(ppl.dataset, base_dir, ("evaluate", "perplexity", "dataset"), add)
+        update["evaluate"] = recipe.evaluate.model_copy(update={"perplexity": ppl.model_copy(update={"dataset": ds})})
+    out = Path(recipe.output).expanduser()
+    update["output"] = str((out if out.is_absolute() else base_dir / out).resolve())
+    _cross_checks(recipe, add)
+    return recipe.model_copy(update=update)

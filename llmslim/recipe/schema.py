@@ -1,0 +1,142 @@
+"""The recipe (version 1) as strict pydantic models.
+
+Sample YAML::
+
+    version: 1
+    name: w4-rtn
+    model: ./models/my-llama
+    dtype: float32
+    device: auto
+    seed: 0
+    calibration: {dataset: text:./data/train.txt, samples: 64, seqlen: 256}
+    steps:
+      - rtn: {bits: 4, group_size: 128, sym: true}
+    evaluate:
+      perplexity: {dataset: text:./data/test.txt, seqlen: 256}
+      latency: {prompt_tokens: 64, new_tokens: 32, repeats: 3}
+    budgets:
+      max_perplexity_increase: 5%
+      max_size_mb: 200
+    output: ./out/w4-rtn
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator
+
+from llmslim.recipe.steps import StepConfig
+
+__all__ = [
+    "Recipe",
+    "CalibrationConfig",
+    "EvaluateConfig",
+    "PerplexityConfig",
+    "LatencyConfig",
+    "BudgetsConfig",
+    "parse_fraction",
+]
+
+DATASET_KINDS = ("text", "jsonl", "builtin", "hf")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_fraction(value: object) -> object:
+    """``"5%"`` -> 0.05; a bare number is already a fraction (0.05 = 5%)."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", value)
+        if not match:
+            raise ValueError(f"expected a percentage such as '5%' or a fraction such as 0.05, got {value!r}")
+        return float(match.group(1)) / 100.0
+    return value
+
+
+Fraction = Annotated[float, BeforeValidator(parse_fraction), Field(ge=0)]
+
+
+def _check_dataset(spec: str) -> str:
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in DATASET_KINDS or not rest:
+        raise ValueError(
+            f"dataset {spec!r} must be one of text:PATH, jsonl:PATH#field, builtin:NAME, hf:ID[:config]:split"
+        )
+    if kind == "jsonl" and "#" not in rest:
+        raise ValueError(f"dataset {spec!r}: jsonl needs the field to read, as jsonl:PATH#field")
+    return spec
+
+
+class CalibrationConfig(Strict):
+    """Text the calibrated steps (gptq, prune) see: random windows of tokens."""
+
+    dataset: str
+    samples: int = Field(128, gt=0, description="number of windows")
+    seqlen: int = Field(2048, gt=0, description="tokens per window")
+
+    _ds = field_validator("dataset")(_check_dataset)
+
+
+class PerplexityConfig(Strict):
+    dataset: str
+    seqlen: int = Field(2048, gt=1)
+    batch_size: int = Field(1, gt=0)
+    max_windows: int | None = Field(None, gt=0, description="evaluate only the first N windows")
+
+    _ds = field_validator("dataset")(_check_dataset)
+
+
+class LatencyConfig(Strict):
+    prompt_tokens: int = Field(64, gt=0)
+    new_tokens: int = Field(32, gt=0)
+    repeats: int = Field(3, gt=0)
+    warmup: int = Field(1, ge=0)
+
+
+class EvaluateConfig(Strict):
+    perplexity: PerplexityConfig | None = None
+    latency: LatencyConfig | None = None
+    energy: bool = Field(True, description="measure energy per token during the latency runs")
+
+
+class BudgetsConfig(Strict):
+    """Hard limits checked on the result; a miss makes the run exit 3."""
+
+    max_perplexity_increase: Fraction | None = Field(None, description="relative to the baseline, e.g. 5%")
+    max_perplexity: float | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0)
+    min_size_reduction: Fraction | None = Field(None, description="e.g. 50% = at most half the baseline size")
+    max_peak_memory_mb: float | None = Field(None, gt=0)
+    min_decode_tokens_per_s: float | None = Field(None, gt=0)
+    max_energy_j_per_token: float | None = Field(None, gt=0)
+
+
+class Recipe(Strict):
+    """A compression recipe, as resolved (paths absolute, defaults filled)."""
+
+    version: Literal[1]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    seed: int = 0
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="allow loading .bin/.pt pickle weights")
+    calibration: CalibrationConfig | None = None
+    steps: list[SerializeAsAny[StepConfig]] = Field(min_length=1)
+    evaluate: EvaluateConfig = EvaluateConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+    output: str = Field(min_length=1)
+
+    def steps_as_yaml(self) -> list[dict]:
+        """The steps in recipe form: one single-key mapping each."""
+        return [{s.STEP_NAME: s.model_dump()} for s in self.steps]
+
+    def to_plain(self) -> dict:
+        """The whole recipe as plain data, steps in recipe form."""
+        data = self.model_dump(mode="json")
+        data["steps"] = self.steps_as_yaml()
+        return data

@@ -1,0 +1,152 @@
+"""report.json: its schema (pydantic), reading and writing.
+
+The schema is versioned by ``schema_version``; ``llmslim/schemas/report.schema.json``
+is generated from these models (``python -m llmslim.report``) and a test keeps
+it in sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Metrics",
+    "StepRecord",
+    "BudgetResult",
+    "Report",
+    "read_report",
+    "write_json_atomic",
+]
+
+SCHEMA_VERSION = 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PerplexitySettings(_Model):
+    dataset: str
+    seqlen: int
+    windows: int
+    tokens: int = Field(description="tokens in the evaluated windows")
+    protocol: str = "docs joined with \\n\\n, tokenized once, non-overlapping windows, tail dropped"
+
+
+class LatencySettings(_Model):
+    prompt_tokens: int
+    new_tokens: int
+    repeats: int
+    warmup: int
+
+
+class Metrics(_Model):
+    """What one model measured. ``baseline`` and ``result`` share these keys."""
+
+    perplexity: float | None = None
+    perplexity_settings: PerplexitySettings | None = None
+    parameters: int
+    size_bytes: int = Field(description="bytes of the weights as saved (safetensors files)")
+    bits_per_parameter: float
+    peak_memory_bytes: int | None = Field(None, description="process RSS peak on CPU, max allocated on CUDA")
+    prefill_tokens_per_s: float | None = Field(None, description="median run")
+    prefill_tokens_per_s_p90: float | None = Field(None, description="at the 90th-percentile (slow) run")
+    decode_tokens_per_s: float | None = None
+    decode_tokens_per_s_p90: float | None = None
+    latency_settings: LatencySettings | None = None
+    energy_j_per_token: float | None = Field(None, description="joules over the timed runs / tokens processed")
+    energy_source: str | None = None
+    energy_unavailable_reason: str | None = None
+    device: str
+    dtype: str
+    linear_kernel: str | None = Field(None, description="how quantized linears ran, when there are any")
+
+
+class StepRecord(_Model):
+    name: str
+    options: dict[str, Any]
+    wall_seconds: float
+    peak_memory_bytes: int | None
+    changed: dict[str, Any] = Field(default_factory=dict)
+    layers: list[dict[str, Any]] = Field(default_factory=list)
+    resumed: bool = Field(False, description="true when restored from the work folder, not run now")
+
+
+class BudgetResult(_Model):
+    name: str
+    limit: float
+    actual: float | None
+    passed: bool
+    note: str | None = None
+
+
+class Calibration(_Model):
+    dataset: str
+    samples: int
+    seqlen: int
+    token_ids_sha256: str
+
+
+class Environment(_Model):
+    python: str
+    torch: str
+    transformers: str
+    llmslim: str
+    device: str
+    platform: str
+
+
+class Report(_Model):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    status: Literal["passed", "budget_failed", "failed"]
+    error: str | None = None
+    name: str
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    fingerprint: str
+    environment: Environment
+    calibration: Calibration | None = None
+    baseline: Metrics | None = None
+    result: Metrics | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    budgets: list[BudgetResult] = Field(default_factory=list)
+    output: str
+    started_at: str
+    finished_at: str
+    wall_seconds: float
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_report(path: Path) -> Report:
+    """Read a report.json, or the one inside an output folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    return Report.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def json_schema() -> dict:
+    return Report.model_json_schema()
+
+
+if __name__ == "__main__":
+    target = Path(__file__).parent / "schemas" / "report.schema.json"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(json.dumps(json_schema(), indent=2) + "\n")
+    print(f"wrote {target}")

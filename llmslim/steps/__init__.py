@@ -1,0 +1,32 @@
+"""Step handlers and the explicit table from step config type to handler.
+
+A handler is ``handler(model, config, ctx) -> StepOutcome``; it changes the
+model in place. Configs live in :mod:`llmslim.recipe.steps` so that recipes
+validate without importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from llmslim.recipe.steps import RtnConfig, StepConfig
+from llmslim.steps.base import StepContext, StepOutcome
+from llmslim.steps.rtn import apply_rtn
+
+__all__ = ["StepContext", "StepOutcome", "HANDLERS", "run_step"]
+
+
+Handler = Callable[[torch.nn.Module, StepConfig, StepContext], StepOutcome]
+
+HANDLERS: dict[type[StepConfig], Handler] = {
+    RtnConfig: apply_rtn,
+}
+
+
+def run_step(model: torch.nn.Module, config: StepConfig, ctx: StepContext) -> StepOutcome:
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        raise NotImplementedError(f"no handler registered for step {config.STEP_NAME!r}")
+    return handler(model, config, ctx)
