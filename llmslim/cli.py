@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llmslim import __version__
 from llmslim.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LlmslimError, RecipeError
@@ -45,11 +46,12 @@ def _handle(exc: BaseException) -> int:
         if isinstance(exc, kind):
             code = exc.exit_code if code == -1 else code
             text = str(exc)
-            err_console.print(f"[bold red]{prefix}:[/bold red] {text}" if text else f"[bold red]{prefix}[/bold red]",
-                              highlight=False, markup=True)
+            sep = "\n" if "\n" in text else " "
+            err_console.print(f"[bold red]{prefix}:[/bold red]{sep}{escape(text)}" if text
+                              else f"[bold red]{prefix}[/bold red]", highlight=False, soft_wrap=True)
             return code
-    err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} "
-                      "(set LLMSLIM_DEBUG=1 for the traceback)", highlight=False)
+    err_console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))} "
+                      "(set LLMSLIM_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
     return EXIT_FAILED
 
 

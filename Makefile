@@ -1,0 +1,30 @@
+# llmslim developer tasks. Everything installs from scratch into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of this version lies on the build machines' disk; on a CUDA
+# machine use e.g. `make TORCH_SPEC=torch test`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench-gptq schema clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/llmslim run recipes/quickstart.yaml
+
+schema: $(STAMP)
+	$(BIN)/python -m llmslim.report
+
+clean:
+	rm -rf out .out.* recipes/out build *.egg-info
