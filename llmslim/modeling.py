@@ -177,6 +177,9 @@ def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
     """config, safetensors weights, generation config and tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    from llmslim.quant.checkpoint import write_quantize_config
+
+    write_quantize_config(folder, model.config)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

@@ -122,7 +122,7 @@ def test_concurrent_run_on_same_output_refuses(workdir, model_factory, recipe_wr
 def test_crash_mid_run_leaves_no_output_and_resumes(workdir, model_factory, recipe_writer, monkeypatch):
     import llmslim.pipeline as pipeline
 
-    steps = "  - rtn: {bits: 8, group_size: 32}\n  - rtn: {bits: 4, group_size: 32}"
+    steps = "  - rtn: {bits: 8, group_size: 32, format: dense}\n  - rtn: {bits: 4, group_size: 32}"
     recipe = recipe_writer(model_factory("llama"), steps=steps)
     real, calls = pipeline.run_step, []
 
@@ -200,7 +200,7 @@ def test_pickle_weights_are_refused(workdir, model_factory, recipe_writer):
 def test_architectures_end_to_end_and_reload(workdir, model_factory, recipe_writer, arch):
     from transformers import AutoModelForCausalLM
 
-    recipe = recipe_writer(model_factory(arch), steps="  - rtn: {bits: 4, group_size: 32, sym: false}")
+    recipe = recipe_writer(model_factory(arch), steps="  - rtn: {bits: 4, group_size: 32, sym: false, format: dense}")
     result = invoke("run", recipe, "--quiet")
     assert result.exit_code == 0, result.output
     out = workdir / "out" / "w4-rtn"

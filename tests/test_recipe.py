@@ -142,6 +142,20 @@ def test_set_overrides(issue_dir):
     assert "expected KEY.PATH=VALUE" in problems_of(path, ["nonsense"])[0]
 
 
+def test_packed_step_must_be_last_and_packable(issue_dir):
+    path = issue_dir / "recipe.yaml"
+    path.write_text(ISSUE_RECIPE.replace("  - rtn: {bits: 4, group_size: 128, sym: true}",
+                                         "  - rtn: {bits: 4}\n  - rtn: {bits: 6}"))
+    problems = problems_of(path)
+    assert any(":13: steps[1].rtn: format gptq packs 2, 3, 4 or 8 bits, not 6; use format: dense" in p
+               for p in problems), problems
+    path.write_text(ISSUE_RECIPE.replace("  - rtn: {bits: 4, group_size: 128, sym: true}",
+                                         "  - rtn: {bits: 4}\n  - rtn: {bits: 8}"))
+    problems = problems_of(path)
+    assert any(":12: steps[0].rtn.format: a step that packs the weights (format: gptq) must be the last" in p
+               for p in problems), problems
+
+
 def test_cross_checks(issue_dir):
     path = issue_dir / "recipe.yaml"
     text = ISSUE_RECIPE.replace("  perplexity: {dataset: text:./data/test.txt, seqlen: 256}\n", "")
@@ -154,7 +168,7 @@ def test_resolved_recipe_round_trips(issue_dir):
     path.write_text(ISSUE_RECIPE)
     plain = load_recipe(path).to_plain()
     assert plain["steps"] == [{"rtn": {"bits": 4, "group_size": 128, "sym": True, "scale_search": "minmax",
-                                       "ignore": ["lm_head"]}}]
+                                       "ignore": ["lm_head"], "format": "gptq"}}]
     import yaml
 
     again = issue_dir / "again.yaml"

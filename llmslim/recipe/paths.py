@@ -41,10 +41,18 @@ def _resolve_dataset(spec: str, base_dir: Path, loc: tuple, add: Callable) -> st
     return ds.spec()
 
 
+def index_is_not_last(index: int, recipe: Recipe) -> bool:
+    return index != len(recipe.steps) - 1
+
+
 def _cross_checks(recipe: Recipe, add: Callable) -> None:
     for i, step in enumerate(recipe.steps):
         if step.NEEDS_CALIBRATION and recipe.calibration is None:
             add(("steps", i, step.STEP_NAME), f"step {step.STEP_NAME!r} needs a `calibration:` section")
+        packed = getattr(step, "format", None) == "gptq"
+        if packed and index_is_not_last(i, recipe):
+            add(("steps", i, step.STEP_NAME, "format"),
+                "a step that packs the weights (format: gptq) must be the last step; use format: dense before others")
     b, ev = recipe.budgets, recipe.evaluate
     if (b.max_perplexity_increase is not None or b.max_perplexity is not None) and ev.perplexity is None:
         add(("budgets",), "perplexity budgets need `evaluate.perplexity`")

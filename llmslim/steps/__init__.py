@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from llmslim.recipe.steps import RtnConfig, StepConfig
+from llmslim.recipe.steps import GptqConfig, RtnConfig, StepConfig
 from llmslim.steps.base import StepContext, StepOutcome
+from llmslim.steps.gptq import apply_gptq
 from llmslim.steps.rtn import apply_rtn
 
 __all__ = ["StepContext", "StepOutcome", "HANDLERS", "run_step"]
@@ -22,6 +23,7 @@ Handler = Callable[[torch.nn.Module, StepConfig, StepContext], StepOutcome]
 
 HANDLERS: dict[type[StepConfig], Handler] = {
     RtnConfig: apply_rtn,
+    GptqConfig: apply_gptq,
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from llmslim.errors import StepError
 from llmslim.modeling import decoder_layers, find_linears, layer_prefix, linear_weight, set_linear_weight
 from llmslim.quant import QuantSpec, rtn_quantize_weight
+from llmslim.quant.checkpoint import gptq_config_dict, install_quantized
 from llmslim.steps.base import StepOutcome
 
 __all__ = ["apply_rtn", "spec_from_config"]
@@ -22,7 +23,7 @@ def apply_rtn(model, config, ctx):
     spec = spec_from_config(config)
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
-    stats, count, weights = [], 0, 0
+    stats, count, weights, results = [], 0, 0, {}
     for index in ctx.progress.track(range(len(layers)), "rtn: layers"):
         linears = find_linears(layers[index], config.ignore, f"{prefix}.{index}")
         for name, module in linears.items():
@@ -33,6 +34,8 @@ def apply_rtn(model, config, ctx):
                 raise StepError("rtn", f"{name}: {exc}") from None
             deq = qw.dequantize()
             set_linear_weight(module, deq.to(module.weight.dtype))
+            bias = module.bias.detach().clone() if module.bias is not None else None
+            results[name] = (qw, bias)
             rel = ((deq - w).norm() / w.norm().clamp_min(1e-12)).item()
             stats.append({"layer": index, "module": name, "relative_weight_error": rel})
             count += 1
@@ -40,5 +43,9 @@ def apply_rtn(model, config, ctx):
     if count == 0:
         raise StepError("rtn", f"no linear layer matched in the decoder layers (ignore={config.ignore})")
     changed = {"modules_quantized": count, "weights_quantized": weights, "bits": spec.bits,
-               "group_size": spec.group_size, "format": "fake-quantized (dense)"}
+               "group_size": spec.group_size, "format": config.format}
+    if config.format == "gptq":
+        qcfg = gptq_config_dict(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, desc_act=False,
+                                true_sequential=False, damp=0.01, method="rtn")
+        install_quantized(model, results, qcfg)
     return StepOutcome(changed=changed, layers=stats)

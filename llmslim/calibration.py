@@ -1,0 +1,169 @@
+"""The layer-by-layer calibration loop, written once and shared by every
+calibrated step (GPTQ now, pruning next).
+
+1. Capture the inputs (and keyword arguments: masks, positions, rotary
+   embeddings) of the first decoder layer for all calibration windows.
+2. For each decoder layer: move it to the compute device; for each group of
+   its linear layers (``true_sequential``: linears fed by the same tensor form
+   a group, in execution order), run the calibration inputs through the layer
+   with hooks that hand each linear's input to the compressor, then let the
+   compressor compress the group; finally rerun the compressed layer to get
+   the next layer's inputs, and move the layer back.
+
+A :class:`LayerCompressor` decides what to collect and how to compress, so the
+loop knows nothing about GPTQ or pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from llmslim.modeling import decoder_layers, find_linears, layer_prefix
+from llmslim.progress import Progress
+
+__all__ = ["LayerCompressor", "CapturedInputs", "capture_first_layer_inputs", "sequential_calibrate",
+           "linear_groups"]
+
+
+class LayerCompressor(Protocol):
+    """What a calibrated step plugs into the loop."""
+
+    def select(self, layer_index: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """The linears of this layer to calibrate (may drop some)."""
+
+    def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """See one batch of inputs ``x`` [..., in_features] of ``module``."""
+
+    def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
+        """Compress ``module`` from what was collected; return its statistics."""
+
+
+@dataclass
+class CapturedInputs:
+    """A decoder layer's inputs, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+class _Captured(Exception):
+    """Stops the model's forward once the first layer's inputs are seen."""
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, device: torch.device,
+                               batch_size: int) -> CapturedInputs:
+    """Run the embedding part of the model and keep what enters ``layers[0]``."""
+    captured = CapturedInputs([], [])
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        rest = {k: _to(v, device) for k, v in kwargs.items() if k != "hidden_states"}
+        rest["use_cache"] = False
+        rest.pop("past_key_values", None), rest.pop("past_key_value", None), rest.pop("layer_past", None)
+        captured.kwargs.append(rest)
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(_model_device(model))
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    captured.hidden = [h.to(device) for h in captured.hidden]
+    return captured
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: CapturedInputs) -> list[torch.Tensor]:
+    return [_first(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
+@torch.no_grad()
+def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: CapturedInputs) -> list[list[str]]:
+    """Linears grouped by the tensor that feeds them, in execution order."""
+    order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []  # keeps inputs referenced so that their ids stay unique
+    handles = []
+    for name, module in linears.items():
+        def hook(_m, args, _name=name):
+            alive.append(args[0])
+            order.append((_name, id(args[0])))
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        layer(inputs.hidden[0], **inputs.kwargs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for name, key in order:
+        if name not in sum(groups.values(), []):
+            groups.setdefault(key, []).append(name)
+    seen = sum(groups.values(), [])
+    return list(groups.values()) + [[n] for n in linears if n not in seen]
+
+
+@torch.no_grad()
+def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: LayerCompressor) -> None:
+    handles = []
+    for name, module in group.items():
+        def hook(mod, args, _name=name):
+            compressor.collect(_name, mod, args[0].detach())
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompressor, *, device: torch.device,
+                         ignore: list[str], true_sequential: bool = True, batch_size: int = 8,
+                         progress: Progress | None = None, label: str = "calibrate") -> list[dict[str, Any]]:
+    """Run the loop over every decoder layer; returns the per-module statistics."""
+    layers = decoder_layers(model)
+    prefix = layer_prefix(model, layers)
+    inputs = capture_first_layer_inputs(model, layers, windows, device, batch_size)
+    stats: list[dict[str, Any]] = []
+    indices = range(len(layers))
+    for index in progress.track(indices, f"{label}: layers") if progress else indices:
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        linears = compressor.select(index, find_linears(layer, ignore, f"{prefix}.{index}"))
+        local = {name.removeprefix(f"{prefix}.{index}."): name for name in linears}
+        groups = linear_groups(layer, {n: m for n, m in layer.named_modules() if n in local}, inputs) \
+            if true_sequential else [list(local)]
+        for group in groups:
+            members = {local[n]: linears[local[n]] for n in group}
+            _calibrate_group(layer, inputs, members, compressor)
+            for name, module in members.items():
+                stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
+        inputs.hidden = run_layer(layer, inputs)
+        layer.to(home)
+    return stats

@@ -1,0 +1,86 @@
+"""The ``gptq`` step: GPTQ through the shared layer-by-layer calibration loop,
+then the packed GPTQ format installed in the model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmslim.calibration import sequential_calibrate
+from llmslim.errors import StepError
+from llmslim.modeling import linear_weight, set_linear_weight
+from llmslim.quant import QuantSpec, accumulate_hessian, gptq_quantize_weight, make_empty_hessian
+from llmslim.quant.checkpoint import gptq_config_dict, install_quantized
+from llmslim.steps.base import StepContext, StepOutcome
+
+__all__ = ["apply_gptq", "GPTQCompressor", "relative_output_error"]
+
+
+def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """||X(W-Q)ᵀ|| / ||XWᵀ|| on the calibration inputs, from H = 2XᵀX/n."""
+    d = (w - q).to(h.dtype)
+    num = torch.einsum("ok,kl,ol->", d, h, d)
+    den = torch.einsum("ok,kl,ol->", w.to(h.dtype), h, w.to(h.dtype))
+    return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().item()
+
+
+class GPTQCompressor:
+    """Collects each linear's Hessian and quantizes it with GPTQ."""
+
+    def __init__(self, config, device: torch.device):
+        self.config, self.device = config, device
+        self.spec = QuantSpec(bits=config.bits, group_size=config.group_size, sym=config.sym,
+                              scale_search=config.scale_search)
+        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}
+        self.results: dict[str, tuple[Any, torch.Tensor | None]] = {}
+
+    def select(self, layer_index: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        return linears
+
+    def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name not in self.hessians:
+            self.hessians[name] = (make_empty_hessian(x.shape[-1], self.device), 0)
+        h, n = self.hessians[name]
+        self.hessians[name] = accumulate_hessian(h, n, x.to(self.device))
+
+    def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
+        cfg = self.config
+        h, _ = self.hessians.pop(name)
+        w = linear_weight(module).to(self.device, torch.float32)
+        start = time.perf_counter()
+        try:
+            qw, stats = gptq_quantize_weight(w, h.clone(), self.spec, block_size=cfg.block_size, damp=cfg.damp,
+                                             act_order=cfg.act_order, static_groups=cfg.use_static_groups)
+        except ValueError as exc:
+            raise StepError("gptq", f"{name}: {exc}") from None
+        seconds = time.perf_counter() - start
+        deq = qw.dequantize().to(w.device)
+        set_linear_weight(module, deq.to(module.weight.dtype))
+        bias = module.bias.detach().clone() if module.bias is not None else None
+        self.results[name] = (qw, bias)
+        return {"relative_output_error": relative_output_error(w, deq, h), "damp": stats.damp_used,
+                "damp_retries": stats.damp_retries, "dead_columns": stats.dead_columns, "seconds": seconds}
+
+
+def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
+    if ctx.calibration is None:
+        raise StepError("gptq", "needs calibration data")
+    compressor = GPTQCompressor(config, ctx.device)
+    start = time.perf_counter()
+    stats = sequential_calibrate(model, ctx.calibration, compressor, device=ctx.device, ignore=config.ignore,
+                                 true_sequential=config.true_sequential, progress=ctx.progress, label="gptq")
+    if not compressor.results:
+        raise StepError("gptq", f"no linear layer matched in the decoder layers (ignore={config.ignore})")
+    changed = {"modules_quantized": len(compressor.results),
+               "weights_quantized": sum(qw.codes.numel() for qw, _ in compressor.results.values()),
+               "bits": config.bits, "group_size": config.group_size, "format": config.format,
+               "calibration_seconds": round(time.perf_counter() - start, 3)}
+    if config.format == "gptq":
+        desc_act = config.act_order and not config.use_static_groups
+        qcfg = gptq_config_dict(bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=desc_act,
+                                true_sequential=config.true_sequential, damp=config.damp, method="gptq")
+        install_quantized(model, compressor.results, qcfg)
+    return StepOutcome(changed=changed, layers=stats)
