@@ -28,3 +28,6 @@ schema: $(STAMP)
 
 clean:
 	rm -rf out .out.* recipes/out build *.egg-info
+
+bench-gptq: $(STAMP)
+	cd benchmarks && ../$(BIN)/python gptq.py $(BENCH_ARGS)
