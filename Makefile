@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq schema clean
+.PHONY: install test demo bench-gptq bench-interop schema clean
 
 install: $(STAMP)
 
@@ -31,3 +31,7 @@ clean:
 
 bench-gptq: $(STAMP)
 	cd benchmarks && ../$(BIN)/python gptq.py $(BENCH_ARGS)
+
+PEER_PYTHON ?=
+bench-interop: $(STAMP)
+	cd benchmarks && ../$(BIN)/python interop.py --peer-python "$(PEER_PYTHON)"

@@ -8,7 +8,7 @@ import platform
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -156,7 +156,7 @@ def _execute(run: _Run) -> RunOutcome:
     try:
         fields["baseline"] = _baseline(run, model, windows)
         ctx = StepContext(tokenizer=tokenizer, device=device, seed=recipe.seed, progress=run.progress,
-                          calibration=calibration)
+                          calibration=calibration, model_path=run.model_path, dtype=recipe.dtype)
         model, fields["steps"] = _run_steps(run, model, tokenizer, ctx)
         final_dir = run.work.step_dir(len(recipe.steps) - 1)
         LOGGER.info("%s: evaluating the result", recipe.name)
@@ -199,8 +199,10 @@ def _run_steps(run: _Run, model, tokenizer, ctx: StepContext):
             continue
         LOGGER.info("%s: step %d/%d %s", run.recipe.name, index + 1, len(steps), step.describe())
         start = time.perf_counter()
+        scratch = work.path / f"step-{index}.scratch"
+        scratch.mkdir(exist_ok=True)
         with PeakMemory(ctx.device) as peak:
-            outcome = run_step(model, step, ctx)
+            outcome = run_step(model, step, replace(ctx, scratch=scratch))
         record = StepRecord(name=step.STEP_NAME, options=step.model_dump(mode="json"),
                             wall_seconds=time.perf_counter() - start, peak_memory_bytes=peak.peak_bytes,
                             changed=outcome.changed, layers=outcome.layers)
@@ -217,6 +219,7 @@ def _save_step(work: WorkDir, index: int, model, tokenizer, record: StepRecord) 
     save_checkpoint(model, tokenizer, tmp)
     tmp.rename(final)
     write_json_atomic(work.record_path(index), record.model_dump(mode="json"))
+    shutil.rmtree(work.path / f"step-{index}.scratch", ignore_errors=True)
 
 
 def _report(run: _Run, status: str, fields: dict, error: str | None = None) -> Report:

@@ -34,10 +34,21 @@ def setup_logging(quiet: bool, console: Console) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler._llmslim_console = True
+    _quiet_libraries()
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False
+
+
+def _quiet_libraries() -> None:
+    """transformers' and the hub's own bars and warnings would interleave with ours."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 class Progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ class StepContext:
     seed: int
     progress: Progress
     calibration: torch.Tensor | None = None  # [samples, seqlen] token ids
+    model_path: Path | None = None  # the recipe's input model (a teacher, a reference)
+    dtype: str = "auto"  # the recipe's dtype, to load other models alike
+    scratch: Path | None = None  # this step's own folder in the work dir, kept until the step completes
 
 
 @dataclass
