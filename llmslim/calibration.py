@@ -16,6 +16,7 @@ loop knows nothing about GPTQ or pruning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +27,7 @@ from llmslim.modeling import decoder_layers, find_linears, layer_prefix
 from llmslim.progress import Progress
 
 __all__ = ["LayerCompressor", "CapturedInputs", "capture_first_layer_inputs", "sequential_calibrate",
-           "linear_groups"]
+           "linear_groups", "LayerObserver"]
 
 
 class LayerCompressor(Protocol):
@@ -40,6 +41,9 @@ class LayerCompressor(Protocol):
 
     def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
         """Compress ``module`` from what was collected; return its statistics."""
+
+
+LayerObserver = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
 
 
 @dataclass
@@ -121,10 +125,11 @@ def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: Captu
         for h in handles:
             h.remove()
     groups: dict[int, list[str]] = {}
+    seen: set[str] = set()
     for name, key in order:
-        if name not in sum(groups.values(), []):
+        if name not in seen:  # a linear called twice (shared weights) stays in its first group
+            seen.add(name)
             groups.setdefault(key, []).append(name)
-    seen = sum(groups.values(), [])
     return list(groups.values()) + [[n] for n in linears if n not in seen]
 
 
@@ -144,8 +149,13 @@ def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: Lay
 
 def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompressor, *, device: torch.device,
                          ignore: list[str], true_sequential: bool = True, batch_size: int = 8,
-                         progress: Progress | None = None, label: str = "calibrate") -> list[dict[str, Any]]:
-    """Run the loop over every decoder layer; returns the per-module statistics."""
+                         progress: Progress | None = None, label: str = "calibrate",
+                         on_layer: LayerObserver | None = None) -> list[dict[str, Any]]:
+    """Run the loop over every decoder layer; returns the per-module statistics.
+
+    ``on_layer(index, inputs, outputs)``, when given, sees each layer's
+    calibration inputs and its outputs after compression (one tensor per batch).
+    """
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     inputs = capture_first_layer_inputs(model, layers, windows, device, batch_size)
@@ -164,6 +174,9 @@ def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompress
             _calibrate_group(layer, inputs, members, compressor)
             for name, module in members.items():
                 stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
-        inputs.hidden = run_layer(layer, inputs)
+        outputs = run_layer(layer, inputs)
+        if on_layer is not None:
+            on_layer(index, inputs.hidden, outputs)
+        inputs.hidden = outputs
         layer.to(home)
     return stats

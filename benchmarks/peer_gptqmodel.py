@@ -1,0 +1,65 @@
+"""Runs inside a separate virtual environment that has gptqmodel + optimum
+(see ../shared/notes/peers-cpu.md); imports nothing from llmslim.
+
+Two jobs, chosen by the first argument:
+
+* ``load CKPT WINDOWS OUT``: load an llmslim GPTQ checkpoint with stock
+  ``transformers.AutoModelForCausalLM`` (GPTQ backend: optimum + gptqmodel),
+  write its logits on the first windows and its perplexity.
+* ``quantize MODEL CALIB WINDOWS BITS GROUP OUT``: quantize with GPTQModel on
+  the same calibration windows, write wall time and perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def ppl(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 8):
+            batch = windows[i : i + 8]
+            logits = model(input_ids=batch).logits.float()
+            nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                   reduction="sum").item()
+            count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def load(ckpt: str, windows_path: str, out: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    windows = torch.load(windows_path)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", dtype=torch.float16).eval()
+    kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    with torch.no_grad():
+        logits = model(input_ids=windows[:2]).logits.float()
+    torch.save(logits, out + ".logits.pt")
+    json.dump({"kernels": kernels, "perplexity": ppl(model, windows)}, open(out, "w"))
+
+
+def quantize(model_dir: str, calib_path: str, windows_path: str, bits: str, group: str, out: str) -> None:
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    calib = torch.load(calib_path)
+    dataset = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
+    config = QuantizeConfig(bits=int(bits), group_size=int(group), sym=True, desc_act=False, device="cpu")
+    model = GPTQModel.load(model_dir, config, device="cpu")
+    start = time.perf_counter()
+    model.quantize(dataset, batch_size=8)
+    seconds = time.perf_counter() - start
+    model.save(out + ".ckpt")
+    reloaded = GPTQModel.load(out + ".ckpt", device="cpu")
+    json.dump({"quantize_seconds": seconds, "perplexity": ppl(reloaded.model, torch.load(windows_path))},
+              open(out, "w"))
+
+
+if __name__ == "__main__":
+    {"load": load, "quantize": quantize}[sys.argv[1]](*sys.argv[2:])
