@@ -53,7 +53,9 @@ def test_forward_matches_dequantized_weight(bits, group_size, sym, act_order, ke
     ref = x @ w.t() + layer.bias.float()
     y = layer(x)
     assert y.shape == (2, 5, N) and y.dtype == torch.float32
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+    # the int4 kernel runs its activations in bf16 (its fast path); the others in fp32
+    bound = 1e-2 if kernel == "int4pack" else 1e-5
+    assert ((y - ref).norm() / ref.norm()).item() < bound
     y16 = layer(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16 and ((y16.float() - ref).norm() / ref.norm()).item() < 2e-2
 
