@@ -49,7 +49,7 @@ class GPTQCompressor:
     def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
         cfg = self.config
         h, _ = self.hessians.pop(name)
-        w = linear_weight(module).to(self.device, torch.float32)
+        w = linear_weight(module).to(self.device, torch.float32, copy=True)  # the module is overwritten below
         start = time.perf_counter()
         try:
             qw, stats = gptq_quantize_weight(w, h.clone(), self.spec, block_size=cfg.block_size, damp=cfg.damp,
