@@ -37,6 +37,8 @@ def _run_one(path: Path, overrides: list[str], output: Path | None, dry_run: boo
     from llmslim.render import report_tables
 
     outcome = run_recipe(recipe, force=force, progress=progress)
+    if outcome.report is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return recipe.name, "follower", outcome.exit_code, recipe.output, None
     status = outcome.report.status + (" (up to date)" if outcome.up_to_date else "")
     if not progress.quiet:
         for table in report_tables(outcome.report):
@@ -44,9 +46,23 @@ def _run_one(path: Path, overrides: list[str], output: Path | None, dry_run: boo
     return recipe.name, status, outcome.exit_code, recipe.output, outcome.report
 
 
+def _start_distributed() -> int:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group; return the rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    from llmslim.distill.distributed import init_distributed
+
+    rank, _ = init_distributed()
+    return rank
+
+
 def run_many(recipes: list[Path], *, overrides: list[str], output: Path | None, dry_run: bool, force: bool,
              quiet: bool, as_json: bool, handle: Callable[[BaseException], int], err: Console) -> int:
     """Run each recipe independently; print a summary; return the worst exit code."""
+    rank = _start_distributed()
+    quiet = quiet or rank > 0
     setup_logging(quiet, err)
     progress = Progress(err, quiet=quiet)
     rows, reports = [], []
@@ -65,7 +81,7 @@ def run_many(recipes: list[Path], *, overrides: list[str], output: Path | None, 
         from llmslim.render import summary_table
 
         err.print(summary_table(rows))
-    if as_json:
+    if as_json and rank == 0:
         payload = reports[0] if len(recipes) == 1 and reports else reports
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     return _worst([r[2] for r in rows])

@@ -42,9 +42,15 @@ def exit_code_for(status: str) -> int:
 
 @dataclass
 class RunOutcome:
-    report: Report
+    report: Report | None  # None on the non-zero ranks of a distributed run
     exit_code: int
     up_to_date: bool = False
+
+
+def is_follower() -> bool:
+    """True on ranks other than 0 of a torchrun/accelerate launch: they compute, rank 0 writes."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 @dataclass
@@ -108,21 +114,49 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None
     """Run ``recipe``; returns its report and the exit code (0, 1 or 3)."""
     progress = progress or Progress(quiet=True)
     output = Path(recipe.output)
+    if is_follower():
+        return _follow(recipe, force, progress)
     with OutputLock(output):
-        plain = recipe.to_plain()
-        model_path = resolve_model_path(recipe.model)
-        fp = fingerprint(plain, model_identity(model_path), _data_digests(recipe))
-        recipe_hash = sha256_json(plain)
-        prev = _previous_report(output)
-        if (prev is not None and not force and prev.fingerprint == fp and prev.recipe_sha256 == recipe_hash
-                and prev.status != "failed" and (output / "config.json").is_file()):
+        run, prev = _prepare(recipe, progress)
+        if _up_to_date(run, prev, force):
             LOGGER.info("%s: up to date (%s), nothing to do", recipe.name, output)
             return RunOutcome(prev, exit_code_for(prev.status), up_to_date=True)
         _guard_output(output, prev, recipe.name, force)
-        work = WorkDir(output, fp).create()
-        run = _Run(recipe, plain, recipe_hash, fp, model_path, work, progress, _now(), time.perf_counter())
-        with _run_log(work.path / "run.log"):
+        run.work.create()
+        with _run_log(run.work.path / "run.log"):
             return _execute(run)
+
+
+def _prepare(recipe: Recipe, progress: Progress) -> tuple[_Run, Report | None]:
+    plain = recipe.to_plain()
+    model_path = resolve_model_path(recipe.model)
+    fp = fingerprint(plain, model_identity(model_path), _data_digests(recipe))
+    output = Path(recipe.output)
+    run = _Run(recipe, plain, sha256_json(plain), fp, model_path, WorkDir(output, fp), progress, _now(),
+               time.perf_counter())
+    return run, _previous_report(output)
+
+
+def _up_to_date(run: _Run, prev: Report | None, force: bool) -> bool:
+    output = Path(run.recipe.output)
+    return (prev is not None and not force and prev.fingerprint == run.fp and prev.recipe_sha256 == run.recipe_hash
+            and prev.status != "failed" and (output / "config.json").is_file())
+
+
+def _follow(recipe: Recipe, force: bool, progress: Progress) -> RunOutcome:
+    """A non-zero rank: the same steps in memory (distill trains data-parallel), nothing written."""
+    run, prev = _prepare(recipe, progress)
+    if _up_to_date(run, prev, force):
+        return RunOutcome(None, exit_code_for(prev.status), up_to_date=True)
+    device = resolve_device(recipe.device)
+    tokenizer = load_tokenizer(str(run.model_path), recipe.trust_remote_code)
+    model = load_model(str(run.model_path), recipe.dtype, device, trust_remote_code=recipe.trust_remote_code,
+                       allow_pickle=recipe.allow_pickle)
+    calibration, _ = _calibration(recipe, tokenizer)
+    ctx = StepContext(tokenizer=tokenizer, device=device, seed=recipe.seed, progress=Progress(quiet=True),
+                      calibration=calibration, model_path=run.model_path, dtype=recipe.dtype)
+    _run_steps(run, model, tokenizer, ctx, save=False)
+    return RunOutcome(None, EXIT_OK)
 
 
 def _environment(device: torch.device) -> Environment:
@@ -186,7 +220,7 @@ def _baseline(run: _Run, model, windows) -> Metrics:
     return metrics
 
 
-def _run_steps(run: _Run, model, tokenizer, ctx: StepContext):
+def _run_steps(run: _Run, model, tokenizer, ctx: StepContext, save: bool = True):
     steps, work, records = run.recipe.steps, run.work, []
     done = work.last_completed(len(steps))
     if done >= 0:
@@ -200,13 +234,15 @@ def _run_steps(run: _Run, model, tokenizer, ctx: StepContext):
         LOGGER.info("%s: step %d/%d %s", run.recipe.name, index + 1, len(steps), step.describe())
         start = time.perf_counter()
         scratch = work.path / f"step-{index}.scratch"
-        scratch.mkdir(exist_ok=True)
+        if save:
+            scratch.mkdir(exist_ok=True)
         with PeakMemory(ctx.device) as peak:
             outcome = run_step(model, step, replace(ctx, scratch=scratch))
         record = StepRecord(name=step.STEP_NAME, options=step.model_dump(mode="json"),
                             wall_seconds=time.perf_counter() - start, peak_memory_bytes=peak.peak_bytes,
                             changed=outcome.changed, layers=outcome.layers)
-        _save_step(work, index, model, tokenizer, record)
+        if save:
+            _save_step(work, index, model, tokenizer, record)
         records.append(record)
     return model, records
 
