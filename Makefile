@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-interop schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop schema clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ clean:
 
 bench-gptq: $(STAMP)
 	cd benchmarks && ../$(BIN)/python gptq.py $(BENCH_ARGS)
+
+bench-prune: $(STAMP)
+	cd benchmarks && ../$(BIN)/python prune.py $(BENCH_ARGS)
+
+bench-distill: $(STAMP)
+	cd benchmarks && ../$(BIN)/python distill.py $(BENCH_ARGS)
 
 PEER_PYTHON ?=
 bench-interop: $(STAMP)

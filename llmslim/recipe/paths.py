@@ -3,6 +3,7 @@ it names exists, before any model is loaded."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -62,6 +63,61 @@ def _cross_checks(recipe: Recipe, add: Callable) -> None:
         add(("budgets", "max_energy_j_per_token"), "needs `evaluate.latency` (energy is measured while decoding)")
 
 
+def _check_prune_targets(recipe: Recipe, model: str, add: Callable) -> None:
+    """Pruning targets only the model's config can judge (whole GQA groups, sizes, the family), checked
+    when the model is a local folder; otherwise they are checked when the step runs."""
+    steps = [(i, step) for i, step in enumerate(recipe.steps) if step.STEP_NAME == "prune"]
+    config_file = Path(model) / "config.json"
+    if not steps or not Path(model).is_absolute() or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # reported when the model is loaded
+    from llmslim.prune.families import model_shape
+    from llmslim.prune.shapes import TargetError, plan_pruning
+
+    for i, step in steps:
+        try:
+            plan_pruning(model_shape(config), step)
+        except TargetError as exc:
+            add(("steps", i, "prune", exc.field), str(exc))
+        except ValueError as exc:
+            add(("steps", i, "prune"), str(exc))
+        except (KeyError, TypeError) as exc:
+            add(("steps", i, "prune"), f"{config_file}: cannot read the model's sizes ({type(exc).__name__}: {exc})")
+
+
+def _resolve_model_ref(ref: str, base_dir: Path, loc: tuple, what: str, add: Callable) -> str:
+    """A model folder made absolute and checked, or a hub id checked for form."""
+    if looks_local(ref, base_dir):
+        path = (base_dir / Path(ref).expanduser()).resolve()
+        if not path.is_dir():
+            add(loc, f"{what} folder not found: {path}")
+        elif not (path / "config.json").is_file():
+            add(loc, f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    if not _HUB_ID.match(ref):
+        add(loc, f"{ref!r} is neither an existing folder nor a hub id such as 'org/name'")
+    return ref
+
+
+def _resolve_distill(recipe: Recipe, base_dir: Path, add: Callable) -> list:
+    """Steps with the distill steps' datasets and teacher folder made absolute (and checked)."""
+    steps = list(recipe.steps)
+    for i, step in enumerate(steps):
+        if step.STEP_NAME != "distill":
+            continue
+        loc = ("steps", i, "distill")
+        update = {"dataset": _resolve_dataset(step.dataset, base_dir, loc + ("dataset",), add)}
+        if step.eval_dataset is not None:
+            update["eval_dataset"] = _resolve_dataset(step.eval_dataset, base_dir, loc + ("eval_dataset",), add)
+        if step.teacher != "original":
+            update["teacher"] = _resolve_model_ref(step.teacher, base_dir, loc + ("teacher",), "teacher", add)
+        steps[i] = step.model_copy(update=update)
+    return steps
+
+
 def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:
     """A copy of ``recipe`` with absolute paths; problems go to ``add(loc, msg)``."""
     update: dict = {"model": _resolve_model(recipe, base_dir, add)}
@@ -72,7 +128,9 @@ def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:
         ppl = recipe.evaluate.perplexity
         ds = _resolve_dataset(ppl.dataset, base_dir, ("evaluate", "perplexity", "dataset"), add)
         update["evaluate"] = recipe.evaluate.model_copy(update={"perplexity": ppl.model_copy(update={"dataset": ds})})
+    update["steps"] = _resolve_distill(recipe, base_dir, add)
     out = Path(recipe.output).expanduser()
     update["output"] = str((out if out.is_absolute() else base_dir / out).resolve())
     _cross_checks(recipe, add)
+    _check_prune_targets(recipe, update["model"], add)
     return recipe.model_copy(update=update)

@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import torch
 
-from llmslim.recipe.steps import GptqConfig, RtnConfig, StepConfig
+from llmslim.recipe.steps import DistillConfig, GptqConfig, PruneConfig, RtnConfig, StepConfig
 from llmslim.steps.base import StepContext, StepOutcome
+from llmslim.steps.distill import apply_distill
 from llmslim.steps.gptq import apply_gptq
+from llmslim.steps.prune import apply_prune
 from llmslim.steps.rtn import apply_rtn
 
 __all__ = ["StepContext", "StepOutcome", "HANDLERS", "run_step"]
@@ -24,6 +26,8 @@ Handler = Callable[[torch.nn.Module, StepConfig, StepContext], StepOutcome]
 HANDLERS: dict[type[StepConfig], Handler] = {
     RtnConfig: apply_rtn,
     GptqConfig: apply_gptq,
+    PruneConfig: apply_prune,
+    DistillConfig: apply_distill,
 }
 
 

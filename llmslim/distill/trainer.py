@@ -1,0 +1,413 @@
+"""The distillation loop: a student learns a teacher's next-token
+distributions on windows of a text dataset (data order: :mod:`.data`).
+
+* Randomness (dropout) is re-seeded from ``(seed, step, rank)`` at every
+  step, inside a forked RNG, so the global RNG is left as it was and a resumed
+  run draws exactly what an uninterrupted one would.
+* Teacher: eval mode, no gradients, any dtype; its outputs live for one
+  micro-batch. The student trains in float32 (cast back to its dtype at the
+  end), under bf16 autocast when asked or, with ``auto``, on CUDA devices
+  that support it. AdamW (weight decay on matrices only), linear warm-up then
+  cosine decay to zero, gradient clipping, gradient accumulation over
+  micro-batches, optional gradient checkpointing.
+* Checkpoints: every ``checkpoint_every`` steps, and when SIGINT/SIGTERM
+  asks to stop (after the step in progress, then ``KeyboardInterrupt``), the
+  student's weights, the optimizer and scheduler states, the step (hence the
+  data position and the RNG) and the curves so far are written atomically to
+  ``scratch/distill-state.pt``; a new run with the same config, seed, data and
+  student shapes resumes from it and ends with the weights an uninterrupted
+  run would have.
+* Data parallel: when torch.distributed is initialised with more than one
+  rank the student is wrapped in DDP (default) or sharded with FSDP (FSDP2's
+  ``fully_shard`` on each decoder layer and the root, on a copy of the student
+  whose full weights are copied back at the end); evaluation windows are
+  shared among ranks; only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmslim.distill.data import DistillData, SampleOrder, lr_factor, mix_seed
+from llmslim.distill.distributed import all_reduce_sum, barrier, world
+from llmslim.distill.losses import distillation_loss
+from llmslim.distill.records import DistillResult, Position
+from llmslim.distill.runtime import scalar, set_checkpointing, stop_on_signals, write_atomic
+from llmslim.errors import StepError
+from llmslim.modeling import decoder_layers
+from llmslim.progress import LOGGER
+from llmslim.recipe.steps import DistillConfig
+
+__all__ = ["Distiller", "STATE_FILE"]
+
+STATE_FILE = "distill-state.pt"
+STATE_FORMAT = 1
+MAX_CURVE_POINTS = 200
+
+
+class Distiller:
+    """Distils ``teacher`` into ``student`` (changed in place) as ``config`` says.
+
+    ``callback(step, distiller)`` runs after every completed step (tests use
+    it to interrupt); :meth:`request_stop` makes the loop checkpoint and raise
+    ``KeyboardInterrupt`` after the step in progress.
+    """
+
+    def __init__(self, student: nn.Module, config: DistillConfig, data: DistillData, *,
+                 teacher: nn.Module | None = None, device: torch.device | str = "cpu", seed: int = 0,
+                 scratch: Path | None = None, progress=None,
+                 callback: Callable[[int, Distiller], None] | None = None):
+        self.student, self.config, self.data, self.teacher = student, config, data, teacher
+        self.device, self.seed = torch.device(device), seed
+        self.scratch = Path(scratch) if scratch is not None else None
+        self.progress, self.callback = progress, callback
+        self.rank, self.world_size = world()
+        self.parallel = config.parallel if self.world_size > 1 else None
+        self.weights = config.loss_weights
+        self.total = config.total_steps
+        self.warmup_steps = round(config.warmup * self.total)
+        self.order = SampleOrder(data.train.shape[0], seed)
+        self._stop = False
+        self._check()
+        share = config.batch_size // self.world_size
+        self.share, self.micro = share, min(config.micro_batch_size or share, share)
+        self.autocast_dtype = self._autocast_dtype()
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        cfg = self.config
+        if cfg.batch_size % self.world_size:
+            raise StepError("distill", f"batch_size {cfg.batch_size} does not split evenly over "
+                                       f"{self.world_size} ranks")
+        share = cfg.batch_size // self.world_size
+        micro = min(cfg.micro_batch_size or share, share)
+        if share % micro:
+            raise StepError("distill", f"micro_batch_size {micro} does not divide each rank's share "
+                                       f"({share} windows) of batch_size {cfg.batch_size}")
+        if self.teacher is None and self.config.needs_teacher:
+            raise StepError("distill", "this loss needs a teacher model")
+        if self.teacher is not None:
+            s_emb, t_emb = self.student.get_input_embeddings(), self.teacher.get_input_embeddings()
+            s_out, t_out = self.student.get_output_embeddings(), self.teacher.get_output_embeddings()
+            if s_out is not None and t_out is not None and s_out.weight.shape[0] != t_out.weight.shape[0]:
+                raise StepError("distill", f"the teacher's vocabulary ({t_out.weight.shape[0]}) differs from the "
+                                           f"student's ({s_out.weight.shape[0]}); they must share the tokenizer")
+            if cfg.hidden_states > 0 and s_emb.weight.shape[1] != t_emb.weight.shape[1]:
+                raise StepError("distill", f"hidden_states needs equal widths; the student's is "
+                                           f"{s_emb.weight.shape[1]}, the teacher's {t_emb.weight.shape[1]}")
+        if cfg.grad_checkpointing and not getattr(self.student, "supports_gradient_checkpointing", False):
+            raise StepError("distill", f"{type(self.student).__name__} does not support gradient checkpointing")
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        mode = self.config.autocast
+        if mode == "off":
+            return None
+        if mode == "bf16":
+            return torch.bfloat16
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def _identity(self) -> dict:
+        shapes = [(n, tuple(p.shape)) for n, p in self.student.state_dict().items()]
+        return {"format": STATE_FORMAT, "config": self.config.model_dump(mode="json"), "seed": self.seed,
+                "data": self.data.digest(), "shapes": hashlib.sha256(repr(shapes).encode()).hexdigest(),
+                "optimizer_layout": "fsdp" if self.parallel == "fsdp" else "plain"}
+
+    @property
+    def state_path(self) -> Path | None:
+        return self.scratch / STATE_FILE if self.scratch is not None else None
+
+    def _read_state(self, identity: dict) -> dict | None:
+        path = self.state_path
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs a restart
+            LOGGER.warning("distill: cannot read %s (%s); starting over", path, exc)
+            return None
+        if state.get("identity") != identity:
+            LOGGER.warning("distill: %s was written for another config, data or model; starting over", path)
+            return None
+        return state
+
+    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        decay, rest = [], []
+        for param in module.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else rest).append(param)
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
+
+    def _wrap(self) -> nn.Module:
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            return DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False)
+        if self.parallel == "fsdp":
+            import torch.distributed as dist
+            from torch.distributed.fsdp import fully_shard
+
+            with torch.no_grad():
+                for tensor in list(self.student.parameters()) + list(self.student.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+            sharded = copy.deepcopy(self.student)
+            for layer in decoder_layers(sharded):
+                fully_shard(layer)
+            fully_shard(sharded)
+            return sharded
+        return self.student
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save(self, module: nn.Module, optimizer, scheduler, pos: Position, identity: dict, t_start: float) -> None:
+        if self.state_path is None:
+            return
+        if self.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(module, options=options)
+            opt_state = get_optimizer_state_dict(module, optimizer, options=options)
+        else:
+            weights, opt_state = self.student.state_dict(), optimizer.state_dict()
+        if self.rank == 0:
+            saved = copy.copy(pos)
+            saved.wall_seconds = pos.wall_seconds + (time.perf_counter() - t_start)
+            payload = {"identity": identity, "progress": asdict(saved), "model": weights,
+                       "optimizer": opt_state, "scheduler": scheduler.state_dict()}
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(payload, self.state_path)
+            LOGGER.info("distill: checkpoint at step %d/%d", pos.step, self.total)
+        barrier()
+
+    def _load_optimizer(self, module: nn.Module, optimizer, state: dict) -> None:
+        if self.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(module, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def perplexity(self, module: nn.Module, windows: torch.Tensor | None = None) -> float:
+        """exp(mean next-token NLL) over the evaluation windows, shared among ranks."""
+        windows = self.data.evaluation if windows is None else windows
+        was_training = module.training
+        module.eval()
+        n, size = windows.shape[0], self.world_size
+        per_rank = -(-n // size)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, per_rank, self.micro):
+            idx = [(start + j) * size + self.rank for j in range(self.micro) if start + j < per_rank]
+            real = [i for i in idx if i < n]
+            batch = windows[real or [0]].to(self.device)  # a rank with no window left still joins (FSDP)
+            logits = module(input_ids=batch, use_cache=False).logits
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                  reduction="sum")
+            if real:
+                sums[0] += nll.double()
+                sums[1] += batch[:, 1:].numel()
+            del logits
+        all_reduce_sum(sums)
+        module.train(was_training)
+        return math.exp(float(sums[0] / sums[1]))
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def _sync_context(self, module: nn.Module, last: bool):
+        if self.parallel == "ddp" and not last:
+            return module.no_sync()
+        if self.parallel == "fsdp":
+            module.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def _micro_loss(self, module: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        hidden = self.config.hidden_states > 0
+        teacher_logits, teacher_states = None, ()
+        if self.teacher is not None and self.config.needs_teacher:
+            with torch.no_grad(), self._autocast():
+                out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            teacher_logits = out.logits
+            teacher_states = out.hidden_states if hidden else ()
+            del out
+        with self._autocast():
+            out = module(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        student_states: tuple = ()
+        if hidden:
+            n_s, n_t = len(out.hidden_states) - 1, len(teacher_states) - 1
+            pairs = [(j, round(j * n_t / n_s)) for j in range(1, n_s + 1)]
+            student_states = tuple(out.hidden_states[j] for j, _ in pairs)
+            teacher_states = tuple(teacher_states[k] for _, k in pairs)
+        return distillation_loss(self.weights, out.logits, ids, teacher_logits=teacher_logits,
+                                 temperature=self.config.temperature, hidden_weight=self.config.hidden_states,
+                                 student_states=student_states, teacher_states=teacher_states)
+
+    def _train_step(self, module: nn.Module, step: int) -> dict[str, float]:
+        batch = self.config.batch_size
+        idx = self.order.indices(step * batch + self.rank * self.share, self.share)
+        windows = self.data.train[idx]
+        chunks = self.share // self.micro
+        sums: dict[str, float] = {}
+        for j in range(chunks):
+            ids = windows[j * self.micro : (j + 1) * self.micro].to(self.device)
+            with self._sync_context(module, j == chunks - 1):
+                loss, parts = self._micro_loss(module, ids)
+                (loss / chunks).backward()
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value / chunks
+            del loss
+        return sums
+
+    def _terms(self) -> list[str]:
+        return ["loss", *self.weights, *(["hidden_cosine"] if self.config.hidden_states > 0 else [])]
+
+    def run(self) -> DistillResult:
+        """Train for the configured budget (or what remains of it) and evaluate."""
+        cfg, student = self.config, self.student
+        t_start = time.perf_counter()
+        dtypes = {name: p.dtype for name, p in student.named_parameters()}
+        flags = {name: p.requires_grad for name, p in student.named_parameters()}
+        for p in student.parameters():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        identity = self._identity()
+        state = self._read_state(identity)
+        pos = Position()
+        if state is not None:
+            student.load_state_dict(state["model"])
+            pos = Position(**state["progress"])
+            LOGGER.info("distill: resuming at step %d/%d from %s", pos.step, self.total, self.state_path)
+        resumed_from = pos.step if state is not None else None
+        if cfg.grad_checkpointing:
+            set_checkpointing(student, True)
+        module = None
+        try:
+            module = self._wrap()
+            optimizer = self._optimizer(module)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, functools.partial(lr_factor, total=self.total, warmup_steps=self.warmup_steps))
+            if state is not None:
+                self._load_optimizer(module, optimizer, state)
+                scheduler.load_state_dict(state["scheduler"])
+            del state
+            eval_module = student if self.parallel == "ddp" else module
+            if pos.perplexity_before is None:
+                pos.perplexity_before = self.perplexity(eval_module)
+                if self.teacher is not None:
+                    pos.teacher_perplexity = self.perplexity(self.teacher)
+                pos.eval_curve.append({"step": 0, "tokens": 0, "perplexity": pos.perplexity_before})
+                LOGGER.info("distill: perplexity before %.4f%s", pos.perplexity_before,
+                            f" (teacher {pos.teacher_perplexity:.4f})" if pos.teacher_perplexity else "")
+            self._loop(module, eval_module, optimizer, scheduler, pos, identity, t_start)
+            if self.parallel == "fsdp":
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                student.load_state_dict(get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)))
+                eval_module = student
+            after = self.perplexity(eval_module)
+            pos.eval_curve.append({"step": self.total, "tokens": pos.tokens, "perplexity": after})
+        finally:
+            if cfg.grad_checkpointing:
+                set_checkpointing(student, False)
+            student.eval()
+            del module
+            for name, p in student.named_parameters():
+                p.data = p.data.to(dtypes[name])
+                p.requires_grad_(flags[name])
+                p.grad = None
+        LOGGER.info("distill: perplexity %.4f -> %.4f after %d tokens", pos.perplexity_before, after, pos.tokens)
+        return DistillResult(
+            steps=self.total, tokens=pos.tokens, wall_seconds=pos.wall_seconds + time.perf_counter() - t_start,
+            train_seconds=pos.train_seconds, perplexity_before=pos.perplexity_before, perplexity_after=after,
+            teacher_perplexity=pos.teacher_perplexity,
+            curves={"loss": pos.loss_curve, "eval_perplexity": pos.eval_curve}, resumed_from_step=resumed_from,
+            world_size=self.world_size, parallel=self.parallel,
+            autocast=str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None,
+            train_windows=self.data.train.shape[0], eval_windows=self.data.evaluation.shape[0],
+            eval_source=self.data.eval_source)
+
+    def _record(self, pos: Position, values: dict[str, float], log_every: int) -> None:
+        """Add a step's values to the loss curve: one point, the mean, every ``log_every`` steps."""
+        for key, value in values.items():
+            pos.pending[key] = pos.pending.get(key, 0.0) + value
+        pos.pending_steps += 1
+        if pos.step % log_every and pos.step != self.total:
+            return
+        point = {"step": pos.step, "tokens": pos.tokens, **{k: v / pos.pending_steps for k, v in pos.pending.items()}}
+        pos.loss_curve.append(point)
+        pos.pending, pos.pending_steps = {}, 0
+        LOGGER.info("distill: step %d/%d loss %.4f lr %.3g %.0f tokens/s", pos.step, self.total, point["loss"],
+                    point["lr"], pos.tokens / max(pos.train_seconds, 1e-9))
+
+    def _loop(self, module, eval_module, optimizer, scheduler, pos: Position, identity: dict, t_start) -> None:
+        cfg, terms = self.config, self._terms()
+        log_every = max(1, -(-self.total // MAX_CURVE_POINTS))
+        tokens_per_step = cfg.batch_size * cfg.seqlen
+        fork = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        steps = range(pos.step, self.total)
+        if self.progress is not None:
+            steps = self.progress.track(steps, "distill", total=len(steps))
+        with torch.random.fork_rng(devices=fork, device_type=self.device.type), stop_on_signals(self.request_stop):
+            for step in steps:
+                t0 = time.perf_counter()
+                torch.manual_seed(mix_seed(self.seed, step, self.rank))
+                module.train()
+                lr = scheduler.get_last_lr()[0]
+                sums = self._train_step(module, step)
+                extra = {"lr": lr}
+                if cfg.max_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+                    extra["grad_norm"] = scalar(norm)  # before clipping
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                reduced = torch.tensor([sums[k] for k in terms] + [float(self._stop)], dtype=torch.float64,
+                                       device=self.device)
+                all_reduce_sum(reduced)
+                values = {k: float(v) / self.world_size for k, v in zip(terms, reduced.tolist())}
+                stop = reduced[-1].item() > 0
+                pos.step, pos.tokens = step + 1, pos.tokens + tokens_per_step
+                pos.train_seconds += time.perf_counter() - t0
+                self._record(pos, {**values, **extra}, log_every)
+                if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < self.total:
+                    ppl = self.perplexity(eval_module)
+                    pos.eval_curve.append({"step": pos.step, "tokens": pos.tokens, "perplexity": ppl})
+                    LOGGER.info("distill: step %d perplexity %.4f", pos.step, ppl)
+                if stop:
+                    self._save(module, optimizer, scheduler, pos, identity, t_start)
+                    raise KeyboardInterrupt(f"distill stopped after step {pos.step}/{self.total}; run again to resume")
+                if pos.step % cfg.checkpoint_every == 0 and pos.step < self.total:
+                    self._save(module, optimizer, scheduler, pos, identity, t_start)
+                if self.callback is not None:
+                    self.callback(pos.step, self)

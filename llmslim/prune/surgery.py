@@ -1,0 +1,139 @@
+"""Model surgery for structured pruning: slice the linears of a decoder
+layer's attention and MLP, remove whole decoder layers, and write the new
+sizes into the config so that the result is a plain checkpoint of the same
+architecture (``AutoModelForCausalLM.from_pretrained`` loads it).
+
+Linears are ``nn.Linear`` ([out, in]) or GPT-2's ``Conv1D`` ([in, out]); the
+slicing keeps each module object, so hooks and references stay valid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmslim.modeling import decoder_layers, layer_prefix
+from llmslim.prune.families import Family
+
+__all__ = ["submodule", "slice_outputs", "slice_inputs", "head_rows", "prune_attention", "prune_mlp",
+           "attention_linears", "mlp_linears", "remove_layers", "write_width_config"]
+
+
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return not isinstance(module, nn.Linear) and hasattr(module, "nf")
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.detach().clone().contiguous(), requires_grad=old.requires_grad))
+
+
+def slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
+    """Keep only the output features ``index`` (rows of W, entries of the bias)."""
+    index = index.to(module.weight.device)
+    if _is_conv1d(module):
+        _replace(module, "weight", module.weight.data[:, index])
+        module.nf = index.numel()
+    else:
+        _replace(module, "weight", module.weight.data[index])
+        module.out_features = index.numel()
+    if module.bias is not None:
+        _replace(module, "bias", module.bias.data[index])
+
+
+def slice_inputs(module: nn.Module, index: torch.Tensor) -> None:
+    """Keep only the input features ``index`` (columns of W; the bias is unchanged)."""
+    index = index.to(module.weight.device)
+    if _is_conv1d(module):
+        _replace(module, "weight", module.weight.data[index])
+        module.nx = index.numel()
+    else:
+        _replace(module, "weight", module.weight.data[:, index])
+        module.in_features = index.numel()
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Feature indices of whole heads: head h owns features [h * head_dim, (h + 1) * head_dim)."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def attention_linears(layer: nn.Module, family: Family) -> tuple[nn.Module, ...]:
+    """(attention module, q, k, v, o) of one decoder layer."""
+    attn = submodule(layer, family.attention)
+    return attn, *(submodule(attn, name) for name in (family.q, family.k, family.v, family.o))
+
+
+def mlp_linears(layer: nn.Module, family: Family) -> tuple[list[nn.Module], nn.Module]:
+    return [submodule(layer, name) for name in family.mlp_in], submodule(layer, family.mlp_out)
+
+
+def prune_attention(layer: nn.Module, family: Family, kept: torch.Tensor, heads: int, kv_heads: int,
+                    head_dim: int) -> tuple[int, int]:
+    """Keep query heads ``kept`` (whole, equal counts per kept key/value group); returns (heads, kv heads)."""
+    attn, q, k, v, o = attention_linears(layer, family)
+    group = heads // kv_heads
+    kept = kept.sort().values.cpu()
+    groups = torch.unique(kept // group)
+    per_group = kept.numel() // groups.numel()
+    if per_group * groups.numel() != kept.numel() or any(((kept // group) == g).sum() != per_group for g in groups):
+        raise ValueError("kept heads must be the same number in every kept key/value group")
+    slice_outputs(q, head_rows(kept, head_dim))
+    slice_outputs(k, head_rows(groups, head_dim))
+    slice_outputs(v, head_rows(groups, head_dim))
+    slice_inputs(o, head_rows(kept, head_dim))
+    for name, value in (("num_key_value_groups", per_group), ("num_heads", kept.numel()),
+                        ("num_attention_heads", kept.numel()), ("num_key_value_heads", groups.numel())):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, value)
+    return kept.numel(), groups.numel()
+
+
+def prune_mlp(layer: nn.Module, family: Family, kept: torch.Tensor) -> int:
+    """Keep intermediate channels ``kept``; returns the new intermediate size."""
+    inputs, output = mlp_linears(layer, family)
+    kept = kept.sort().values.cpu()
+    for module in inputs:
+        slice_outputs(module, kept)
+    slice_inputs(output, kept)
+    return kept.numel()
+
+
+def write_width_config(config, family: Family, heads: int | None, kv_heads: int | None, head_dim: int,
+                       intermediate: int | None) -> None:
+    """New head counts (head_dim written explicitly) and intermediate size, in place."""
+    if heads is not None:
+        setattr(config, family.heads_key, heads)
+        if family.kv_heads_key:
+            setattr(config, family.kv_heads_key, kv_heads)
+        config.head_dim = head_dim
+    if intermediate is not None:
+        setattr(config, family.intermediate_key, intermediate)
+
+
+def remove_layers(model: nn.Module, family: Family, drop: list[int]) -> None:
+    """Remove decoder layers ``drop``; renumber ``layer_idx`` and subset per-layer config lists."""
+    if not drop:
+        return
+    layers = decoder_layers(model)
+    old = len(layers)
+    keep = [i for i in range(old) if i not in set(drop)]
+    parent_path, _, attr = layer_prefix(model, layers).rpartition(".")
+    parent = submodule(model, parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
+    for new, old_index in enumerate(keep):
+        for module in layers[old_index].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    config = model.config
+    for key, value in config.to_dict().items():
+        if key.endswith("layer_types") and isinstance(value, list) and len(value) == old:
+            setattr(config, key, [value[i] for i in keep])
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        config.max_window_layers = sum(1 for i in keep if i < config.max_window_layers)
+    setattr(config, family.layers_key, len(keep))
