@@ -58,7 +58,7 @@ def large_model_speed() -> list[dict]:
 
     from llmslim.quant.checkpoint import gptq_config_dict, install_quantized
     from llmslim.quant import QuantSpec, rtn_quantize_weight
-    from llmslim.modeling import decoder_layers, find_linears, linear_weight
+    from llmslim.modeling import find_linears, linear_weight
 
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                          num_key_value_heads=4, vocab_size=32000)

@@ -16,7 +16,10 @@ loop knows nothing about GPTQ or pruning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +30,7 @@ from llmslim.modeling import decoder_layers, find_linears, layer_prefix
 from llmslim.progress import Progress
 
 __all__ = ["LayerCompressor", "CapturedInputs", "capture_first_layer_inputs", "sequential_calibrate",
-           "linear_groups", "LayerObserver"]
+           "linear_groups", "LayerObserver", "PhaseTimes"]
 
 
 class LayerCompressor(Protocol):
@@ -52,6 +55,28 @@ class CapturedInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+
+
+class PhaseTimes:
+    """Wall seconds of the loop's phases: where calibration time goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def summary(self) -> dict[str, float]:
+        """Rounded seconds per phase; ``forward`` excludes the time spent in ``collect``."""
+        out = dict(self.seconds)
+        if "group_passes" in out:
+            out["forward"] = out.pop("group_passes") - out.get("collect", 0.0)
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 class _Captured(Exception):
@@ -133,15 +158,33 @@ def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: Captu
     return list(groups.values()) + [[n] for n in linears if n not in seen]
 
 
+class _GroupSeen(Exception):
+    """Stops a layer's forward once every linear of the group has seen its input."""
+
+
 @torch.no_grad()
-def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: LayerCompressor) -> None:
+def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: LayerCompressor,
+                     times: PhaseTimes) -> None:
+    """Feed each batch's inputs of the group's linears to the compressor. The
+    layer runs only as far as the group's inputs: what comes after them cannot
+    change what they see, so the rest of the forward is skipped."""
+    seen: set[str] = set()
     handles = []
     for name, module in group.items():
         def hook(mod, args, _name=name):
-            compressor.collect(_name, mod, args[0].detach())
+            with times.phase("collect"):
+                compressor.collect(_name, mod, args[0])  # no_grad: nothing to detach
+            seen.add(_name)
+            if len(seen) == len(group):
+                raise _GroupSeen
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        run_layer(layer, inputs)
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            seen.clear()
+            try:
+                layer(hidden, **kwargs)
+            except _GroupSeen:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -150,33 +193,42 @@ def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: Lay
 def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompressor, *, device: torch.device,
                          ignore: list[str], true_sequential: bool = True, batch_size: int = 8,
                          progress: Progress | None = None, label: str = "calibrate",
-                         on_layer: LayerObserver | None = None) -> list[dict[str, Any]]:
+                         on_layer: LayerObserver | None = None,
+                         times: PhaseTimes | None = None) -> list[dict[str, Any]]:
     """Run the loop over every decoder layer; returns the per-module statistics.
 
     ``on_layer(index, inputs, outputs)``, when given, sees each layer's
     calibration inputs and its outputs after compression (one tensor per batch).
+    ``times``, when given, receives the seconds of each phase.
     """
+    times = times if times is not None else PhaseTimes()
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
-    inputs = capture_first_layer_inputs(model, layers, windows, device, batch_size)
+    with times.phase("capture"):
+        inputs = capture_first_layer_inputs(model, layers, windows, device, batch_size)
     stats: list[dict[str, Any]] = []
     indices = range(len(layers))
     for index in progress.track(indices, f"{label}: layers") if progress else indices:
         layer = layers[index]
         home = next(layer.parameters()).device
-        layer.to(device)
+        with times.phase("move"):
+            layer.to(device)
         linears = compressor.select(index, find_linears(layer, ignore, f"{prefix}.{index}"))
         local = {name.removeprefix(f"{prefix}.{index}."): name for name in linears}
         groups = linear_groups(layer, {n: m for n, m in layer.named_modules() if n in local}, inputs) \
             if true_sequential else [list(local)]
         for group in groups:
             members = {local[n]: linears[local[n]] for n in group}
-            _calibrate_group(layer, inputs, members, compressor)
-            for name, module in members.items():
-                stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
-        outputs = run_layer(layer, inputs)
+            with times.phase("group_passes"):
+                _calibrate_group(layer, inputs, members, compressor, times)
+            with times.phase("compress"):
+                for name, module in members.items():
+                    stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
+        with times.phase("rerun"):
+            outputs = run_layer(layer, inputs)
         if on_layer is not None:
             on_layer(index, inputs.hidden, outputs)
         inputs.hidden = outputs
-        layer.to(home)
+        with times.phase("move"):
+            layer.to(home)
     return stats

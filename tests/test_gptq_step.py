@@ -122,3 +122,27 @@ def test_true_sequential_groups_follow_the_data_flow(model_factory, arch, expect
     layers = decoder_layers(model)
     inputs = capture_first_layer_inputs(model, layers, ctx.calibration, torch.device("cpu"), batch_size=2)
     assert linear_groups(layers[0], find_linears(layers[0]), inputs) == expected
+
+
+def test_linears_fed_by_one_tensor_share_one_hessian():
+    """q/k/v see the same tensor: one Hessian is accumulated, used by all three,
+    and dropped after the last of them is compressed."""
+    from llmslim.quant import accumulate_hessian, make_empty_hessian
+    from llmslim.steps.gptq import GPTQCompressor
+
+    compressor = GPTQCompressor(GptqConfig(bits=4, group_size=-1), torch.device("cpu"))
+    linears = {n: torch.nn.Linear(16, 8) for n in ("q", "k", "v", "o")}
+    expected = make_empty_hessian(16, torch.device("cpu")), 0
+    for seed in range(3):
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed))
+        for name in ("q", "k", "v"):
+            compressor.collect(name, linears[name], x)
+        compressor.collect("o", linears["o"], torch.randn(2, 5, 16))
+        expected = accumulate_hessian(*expected, x)
+    assert list(compressor.hessians) == ["q", "o"]
+    torch.testing.assert_close(compressor.hessians["q"][0], expected[0])
+    for name in ("q", "k"):
+        compressor.compress(0, name, linears[name])
+        assert "q" in compressor.hessians
+    compressor.compress(0, "v", linears["v"])
+    assert list(compressor.hessians) == ["o"]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmslim.calibration import sequential_calibrate
+from llmslim.calibration import PhaseTimes, sequential_calibrate
 from llmslim.errors import StepError
 from llmslim.modeling import linear_weight, set_linear_weight
 from llmslim.quant import QuantSpec, accumulate_hessian, gptq_quantize_weight, make_empty_hessian
@@ -28,27 +28,49 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> 
 
 
 class GPTQCompressor:
-    """Collects each linear's Hessian and quantizes it with GPTQ."""
+    """Collects each linear's Hessian and quantizes it with GPTQ. Linears fed
+    by the same tensor (q/k/v, gate/up) share one Hessian: it is accumulated
+    once."""
 
     def __init__(self, config, device: torch.device):
         self.config, self.device = config, device
         self.spec = QuantSpec(bits=config.bits, group_size=config.group_size, sym=config.sym,
                               scale_search=config.scale_search)
-        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}
+        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}   # keyed by the first linear of an input
+        self.owner: dict[str, str] = {}                            # linear -> key of its Hessian
+        self._last: tuple[torch.Tensor | None, str] = (None, "")   # the input seen last, and its key
         self.results: dict[str, tuple[Any, torch.Tensor | None]] = {}
 
     def select(self, layer_index: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
         return linears
 
     def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        last_x, last_key = self._last
+        if x is last_x and last_key != name:  # the very tensor the previous linear saw
+            self.owner[name] = last_key
+            return
         if name not in self.hessians:
             self.hessians[name] = (make_empty_hessian(x.shape[-1], self.device), 0)
+        self.owner[name] = name
         h, n = self.hessians[name]
         self.hessians[name] = accumulate_hessian(h, n, x.to(self.device))
+        self._last = (x, name)
+
+    def _take_hessian(self, name: str) -> torch.Tensor:
+        """The Hessian of ``name``, dropped once no other linear still needs it."""
+        if name not in self.owner:
+            raise StepError("gptq", f"{name} received no calibration input (is it used by the forward pass?); "
+                                    "add it to `ignore` to leave it in full precision")
+        key = self.owner.pop(name)
+        h = self.hessians[key][0]
+        if key not in self.owner.values():
+            del self.hessians[key]
+        self._last = (None, "")
+        return h
 
     def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
         cfg = self.config
-        h, _ = self.hessians.pop(name)
+        h = self._take_hessian(name)
         w = linear_weight(module).to(self.device, torch.float32, copy=True)  # the module is overwritten below
         start = time.perf_counter()
         try:
@@ -69,15 +91,17 @@ def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
     if ctx.calibration is None:
         raise StepError("gptq", "needs calibration data")
     compressor = GPTQCompressor(config, ctx.device)
-    start = time.perf_counter()
+    start, times = time.perf_counter(), PhaseTimes()
     stats = sequential_calibrate(model, ctx.calibration, compressor, device=ctx.device, ignore=config.ignore,
-                                 true_sequential=config.true_sequential, progress=ctx.progress, label="gptq")
+                                 true_sequential=config.true_sequential, progress=ctx.progress, label="gptq",
+                                 times=times)
     if not compressor.results:
         raise StepError("gptq", f"no linear layer matched in the decoder layers (ignore={config.ignore})")
     changed = {"modules_quantized": len(compressor.results),
                "weights_quantized": sum(qw.codes.numel() for qw, _ in compressor.results.values()),
                "bits": config.bits, "group_size": config.group_size, "format": config.format,
-               "calibration_seconds": round(time.perf_counter() - start, 3)}
+               "calibration_seconds": round(time.perf_counter() - start, 3),
+               "phase_seconds": times.summary()}
     if config.format == "gptq":
         desc_act = config.act_order and not config.use_static_groups
         qcfg = gptq_config_dict(bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=desc_act,
