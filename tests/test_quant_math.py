@@ -229,3 +229,24 @@ def test_gptq_rejects_bad_inputs(layer_data):
     h_copy, w_copy = h.clone(), w.clone()
     gptq_quantize_weight(w, h, QuantSpec(4, 128), act_order=True)
     assert torch.equal(h, h_copy) and torch.equal(w, w_copy)
+
+
+def test_importance_weighted_mse_favours_the_important_columns():
+    """With one column weighted heavily, the mse search picks the grid that
+    serves that column: its error is no larger than with unweighted search,
+    and the weighted total error is no larger either."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, generator=g)
+    w[:, 0] *= 6.0  # an outlier column that minmax must cover, mse may clip
+    importance = torch.ones(32)
+    importance[0] = 1000.0
+    spec = QuantSpec(bits=3, group_size=-1, scale_search="mse")
+
+    def errors(scale, zero):
+        deq = (quantize(w, scale, zero, spec.maxq) - zero) * scale
+        return (deq - w).square()
+
+    plain = errors(*find_params(w, spec))
+    weighted = errors(*find_params(w, spec, importance))
+    assert weighted[:, 0].sum() <= plain[:, 0].sum() + 1e-6
+    assert (weighted * importance).sum() <= (plain * importance).sum() + 1e-6

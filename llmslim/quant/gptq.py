@@ -113,10 +113,12 @@ def _effective_block(block_size: int, gs: int, columns: int) -> int:
     return max(d for d in range(1, block_size + 1) if gs % d == 0)
 
 
-def _static_params(W: torch.Tensor, spec: QuantSpec, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _static_params(W: torch.Tensor, spec: QuantSpec, gs: int,
+                   hdiag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero ``[G, N]`` for each natural group of the (unpermuted) ``W [N, K]``."""
     n, k = W.shape
-    scale, zero = find_params(W.reshape(n * (k // gs), gs), spec)      # [N*G, 1]
+    importance = hdiag.reshape(1, k // gs, gs).expand(n, -1, -1).reshape(n * (k // gs), gs)
+    scale, zero = find_params(W.reshape(n * (k // gs), gs), spec, importance)      # [N*G, 1]
     return scale.reshape(n, -1).t().contiguous(), zero.reshape(n, -1).t().contiguous()
 
 
@@ -140,12 +142,13 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float
 
 def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: int, block: int,
                      scales: torch.Tensor, zeros: torch.Tensor, col_group: list[int],
-                     dynamic: bool) -> tuple[torch.Tensor, float]:
+                     dynamic: torch.Tensor | None) -> tuple[torch.Tensor, float]:
     """The lazy-batch GPTQ loop over the columns of ``W [N, K]`` (in place).
 
     ``col_group[j]`` is the row of ``scales``/``zeros`` (``[G, N]``) used by
-    column ``j``; with ``dynamic`` those rows are filled here, from the current
-    weights, when a group starts. Returns ``(codes [N, K] uint8, loss)``.
+    column ``j``; with ``dynamic`` (the Hessian diagonal in quantization order)
+    those rows are filled here, from the current weights, when a group starts.
+    Returns ``(codes [N, K] uint8, loss)``.
     """
     n, k = W.shape
     codes = torch.empty(n, k, dtype=torch.uint8, device=W.device)       # [N, K]
@@ -158,10 +161,10 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
         Hinv1 = Hinv[i1:i2, i1:i2]                                      # [B, B]
         for i in range(count):
             j = i1 + i
-            if dynamic and j % gs == 0:
+            if dynamic is not None and j % gs == 0:
                 # the group lies inside this block, or starts it (see _effective_block)
                 current = W1[:, i:i + gs] if i + gs <= count else W[:, j:j + gs]
-                s, z = find_params(current, spec)
+                s, z = find_params(current, spec, dynamic[j:j + gs])
                 scales[j // gs], zeros[j // gs] = s[:, 0], z[:, 0]
             s, z = scales[col_group[j]], zeros[col_group[j]]            # [N]
             w, d = W1[:, i], Hinv1[i, i]
@@ -204,7 +207,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     per_channel = groups == 1
     static = static_groups and not per_channel
     if static:
-        scales, zeros = _static_params(W, spec, gs)                     # [G, N]
+        scales, zeros = _static_params(W, spec, gs, H.diagonal())      # [G, N]
     else:
         scales = torch.zeros(groups, n, dtype=torch.float32, device=W.device)
         zeros = torch.zeros_like(scales)
@@ -213,8 +216,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
     if per_channel:
-        s, z = find_params(W, spec)
+        s, z = find_params(W, spec, H.diagonal())
         scales[0], zeros[0] = s[:, 0], z[:, 0]
+    hdiag = H.diagonal().clone()                                        # [K] in quantization order
     Hinv, damp_used, retries = _inverse_cholesky(H, damp)
     del H
     # the group of each column in quantization order: natural groups of the original
@@ -222,7 +226,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     col_group = torch.zeros_like(natural) if per_channel else (perm if static else natural) // gs   # [K]
     block = _effective_block(block_size, gs, k)
     codes, loss = _quantize_blocks(W, Hinv, spec, gs, block, scales, zeros, col_group.tolist(),
-                                   dynamic=not static and not per_channel)
+                                   dynamic=hdiag if not static and not per_channel else None)
     g_idx = torch.empty_like(col_group)
     g_idx[perm] = col_group                                             # back to natural column order
     natural_codes = torch.empty_like(codes)

@@ -27,8 +27,8 @@ __all__ = ["QuantSpec", "QuantizedWeight", "find_params", "quantize", "dequantiz
 
 SCALE_SEARCHES = ("minmax", "mse")
 MSE_GRID = 100         # candidate clipping ratios p = 1 - i / MSE_GRID
-MSE_MAX_SHRINK = 0.8   # the smallest ratio tried is 1 - MSE_MAX_SHRINK
-MSE_NORM = 2.4         # the error of a candidate is sum(|w - q(w)| ** MSE_NORM)
+MSE_MAX_SHRINK = 0.2   # the smallest ratio tried is 1 - MSE_MAX_SHRINK
+MSE_NORM = 2.0         # the error of a candidate is sum(|w - q(w)| ** MSE_NORM)
 
 
 @dataclass(frozen=True)
@@ -101,15 +101,18 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     return scale * (codes - zero)
 
 
-def _mse_search(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
-    """Shrink each row's range by the ratio that minimises ``sum |w - q(w)|**MSE_NORM``."""
+def _mse_search(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool,
+                importance: torch.Tensor | None = None):
+    """Shrink each row's range by the ratio that minimises ``sum |w - q(w)|**MSE_NORM``,
+    each column's error weighted by ``importance`` when given."""
     best_scale, best_zero = _grid_from_range(xmin, xmax, maxq, sym)
     best_err = torch.full_like(xmin, float("inf"))
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         p = 1.0 - i / MSE_GRID
         scale, zero = _grid_from_range(p * xmin, p * xmax, maxq, sym)
         s, z = scale.unsqueeze(1), zero.unsqueeze(1)
-        err = (dequantize(quantize(w, s, z, maxq), s, z) - w).abs_().pow_(MSE_NORM).sum(1)   # [R]
+        err = (dequantize(quantize(w, s, z, maxq), s, z) - w).abs_().pow_(MSE_NORM)          # [R, C]
+        err = (err if importance is None else err.mul_(importance)).sum(1)                   # [R]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -117,11 +120,15 @@ def _mse_search(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: i
     return best_scale, best_zero
 
 
-def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def find_params(w: torch.Tensor, spec: QuantSpec,
+                importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row grid of ``w [N, C]``: ``(scale [N, 1], zero [N, 1])`` in ``w``'s float dtype.
 
     ``zero`` is integer-valued. Each row's range includes 0; see the module
-    docstring for the symmetric and asymmetric conventions.
+    docstring for the symmetric and asymmetric conventions. ``importance``
+    (``[C]`` or ``[N, C]``, non-negative) weights each weight's error in the
+    ``mse`` search: GPTQ passes the Hessian diagonal, so the clipping ratio
+    minimises an estimate of the output error rather than the weight error.
     """
     if w.dim() != 2 or w.shape[1] == 0:
         raise ValueError(f"find_params expects a non-empty [rows, columns] matrix, got shape {tuple(w.shape)}")
@@ -130,7 +137,7 @@ def find_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     xmin = torch.minimum(w.min(dim=1).values, zeros)   # [N]
     xmax = torch.maximum(w.max(dim=1).values, zeros)   # [N]
     if spec.scale_search == "mse":
-        scale, zero = _mse_search(w, xmin, xmax, spec.maxq, spec.sym)
+        scale, zero = _mse_search(w, xmin, xmax, spec.maxq, spec.sym, importance)
     else:
         scale, zero = _grid_from_range(xmin, xmax, spec.maxq, spec.sym)
     return scale.unsqueeze(1), zero.unsqueeze(1)
