@@ -33,6 +33,9 @@ SETTINGS = {
     "width 25% activation": PruneConfig(heads=0.25, mlp=0.25, importance="activation"),
     "width 25% taylor": PruneConfig(heads=0.25, mlp=0.25, importance="taylor"),
     "width 25% magnitude": PruneConfig(heads=0.25, mlp=0.25, importance="magnitude"),
+    "mlp 50% activation": PruneConfig(mlp=0.5, importance="activation"),
+    "mlp 50% taylor": PruneConfig(mlp=0.5, importance="taylor"),
+    "mlp 50% magnitude": PruneConfig(mlp=0.5, importance="magnitude"),
     "depth -1 layer": PruneConfig(layers=1),
     "depth -2 layers": PruneConfig(layers=2),
 }

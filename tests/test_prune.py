@@ -180,6 +180,15 @@ def test_importance_functions_on_hand_made_tensors():
     x = torch.tensor([[[3.0, 4.0, 1.0, 0.0]], [[0.0, 0.0, 0.0, 2.0]]])  # 2 tokens, 2 heads of dim 2
     assert imp.head_sq_sums(x, 2).tolist() == [25.0, 5.0]
     assert imp.channel_abs_sums(torch.tensor([[1.0, -2.0], [-3.0, 0.5]])).tolist() == [4.0, 2.5]
+    grams = imp.head_grams(x, 2)                                  # a_h^T a_h per head
+    assert grams[0].tolist() == [[9.0, 12.0], [12.0, 16.0]] and grams[1].tolist() == [[1.0, 0.0], [0.0, 4.0]]
+    o = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # hidden 2 x (2 heads x dim 2)
+    # head 0 adds o[:, :2] a_0 = (3, 4) and (0, 0): sum of squares 25; head 1 adds (2, 0) and (0, 0): 4
+    assert imp.head_output_scores(grams, o, 2).square().tolist() == pytest.approx([12.5, 2.0])
+    sq = imp.channel_sq_sums(torch.tensor([[1.0, -2.0], [-3.0, 0.0]]))
+    assert sq.tolist() == [10.0, 4.0]
+    down = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+    assert imp.channel_output_scores(sq, down, 2).tolist() == pytest.approx([5.0 * 5.0 ** 0.5, 2.0 ** 0.5])
     s, n = imp.cosine_sums(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[2.0, 0.0], [-1.0, -1.0]]))
     assert n == 2 and s == pytest.approx(0.0)
     # 4 query heads (dim 1) in 2 groups; k, v one row per group; o one column per head

@@ -2,10 +2,13 @@
 from them. Pure functions on tensors; weights are in ``nn.Linear`` layout
 [out_features, in_features].
 
-* activation (Minitron-style, forward only): a head's score is the L2 norm of
-  its slice of the attention output (the input of o_proj) over the
-  calibration tokens, divided by sqrt(tokens); an MLP channel's is the mean
-  absolute value of the intermediate activation (the input of down_proj).
+* activation (Minitron-style, forward only, made output-aware): a structure's
+  score is the root-mean-square norm, over the calibration tokens, of what it
+  adds to the residual stream. A head adds ``W_o[:, h] a_h``, whose squared
+  norm summed over tokens is ``trace(W_hᵀ W_h G_h)`` with ``G_h = Σ a_hᵀ a_h``
+  (the per-head Gram matrix of o_proj's input); an MLP channel adds
+  ``W_down[:, j] a_j``: ``||W_down[:, j]|| · rms(a_j)``. Minitron's
+  criterion (the activation alone) ignores the output projection's weights.
 * magnitude: the L2 norm of the weights that belong to the structure.
 * taylor: sum over the structure's weights of |w * dL/dw| (first-order
   estimate of the loss change when they are zeroed).
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_sq_sums", "channel_abs_sums", "cosine_sums", "per_head_sum", "per_channel_sum",
+__all__ = ["head_sq_sums", "channel_abs_sums", "head_grams", "channel_sq_sums", "head_output_scores",
+           "channel_output_scores", "cosine_sums", "per_head_sum", "per_channel_sum",
            "magnitude_head_scores", "magnitude_channel_scores", "taylor_head_scores", "taylor_channel_scores",
            "select_heads", "select_channels", "layers_to_drop"]
 
@@ -35,6 +39,31 @@ def head_sq_sums(x: torch.Tensor, heads: int) -> torch.Tensor:
 def channel_abs_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-channel sums of |x| over every token of ``x`` [..., channels], in float64."""
     return x.reshape(-1, x.shape[-1]).double().abs().sum(dim=0)
+
+
+def head_grams(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head Gram matrices ``Σ_tokens a_hᵀ a_h`` [heads, d, d] of an attention output ``x``, in float64."""
+    x = x.reshape(-1, heads, x.shape[-1] // heads).double()
+    return torch.einsum("thi,thj->hij", x, x)
+
+
+def channel_sq_sums(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel sums of squares over every token of ``x`` [..., channels], in float64."""
+    return x.reshape(-1, x.shape[-1]).double().square().sum(dim=0)
+
+
+def head_output_scores(grams: torch.Tensor, o_weight: torch.Tensor, tokens: int) -> torch.Tensor:
+    """RMS over tokens of each head's contribution ``W_o[:, h] a_h`` to the output (``o_weight``
+    [hidden, heads * d])."""
+    heads, d, _ = grams.shape
+    w = o_weight.double().reshape(o_weight.shape[0], heads, d)
+    gram_w = torch.einsum("khi,khj->hij", w, w)                          # W_hᵀ W_h
+    return ((gram_w * grams).sum(dim=(1, 2)).clamp_min(0) / tokens).sqrt()
+
+
+def channel_output_scores(sq_sums: torch.Tensor, down_weight: torch.Tensor, tokens: int) -> torch.Tensor:
+    """RMS over tokens of each channel's contribution ``W_down[:, j] a_j`` (``down_weight`` [hidden, channels])."""
+    return (sq_sums / tokens).sqrt() * down_weight.double().norm(dim=0)
 
 
 def cosine_sums(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:

@@ -26,9 +26,10 @@ from llmslim.errors import StepError
 from llmslim.modeling import count_parameters, decoder_layers, layer_prefix, linear_weight
 from llmslim.progress import LOGGER
 from llmslim.prune.families import ModelShape, model_shape
-from llmslim.prune.importance import (channel_abs_sums, cosine_sums, head_sq_sums, layers_to_drop,
-                                      magnitude_channel_scores, magnitude_head_scores, select_channels, select_heads,
-                                      taylor_channel_scores, taylor_head_scores)
+from llmslim.prune.importance import (channel_output_scores, channel_sq_sums, cosine_sums, head_grams,
+                                      head_output_scores, layers_to_drop, magnitude_channel_scores,
+                                      magnitude_head_scores, select_channels, select_heads, taylor_channel_scores,
+                                      taylor_head_scores)
 from llmslim.prune.shapes import PrunePlan, TargetError, plan_pruning
 from llmslim.prune.surgery import (attention_linears, mlp_linears, prune_attention, prune_mlp, remove_layers,
                                    write_width_config)
@@ -69,24 +70,26 @@ class PruneCompressor:
     def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         if self.importance != "activation":
             return
-        stat = head_sq_sums(x, self.shape.heads) if self.kind(name) == "heads" else channel_abs_sums(x)
+        stat = head_grams(x, self.shape.heads) if self.kind(name) == "heads" else channel_sq_sums(x)
         total, count = self.sums.get(name, (0, 0))
         self.sums[name] = (total + stat.cpu(), count + x.numel() // x.shape[-1])
 
     def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
         kind = self.kind(name)
         layer = self.layers[layer_index]
-        scores = self._scores(kind, layer_index, name, layer).double().cpu()
+        scores = self._scores(kind, layer_index, name, layer, module).double().cpu()
         stats = self._prune_heads(layer, scores) if kind == "heads" else self._prune_mlp(layer, scores)
         self.records.setdefault(layer_index, {}).update(stats)
         return stats
 
-    def _scores(self, kind: str, index: int, name: str, layer: nn.Module) -> torch.Tensor:
+    def _scores(self, kind: str, index: int, name: str, layer: nn.Module, module: nn.Module) -> torch.Tensor:
         if self.importance == "activation":
             if name not in self.sums:
                 raise StepError("prune", f"{name}: no calibration activations were seen")
             total, count = self.sums.pop(name)
-            return (total / count).sqrt() if kind == "heads" else total / count
+            weight = linear_weight(module).detach().cpu()
+            return head_output_scores(total, weight, count) if kind == "heads" else \
+                channel_output_scores(total, weight, count)
         if self.importance == "taylor":
             return self.precomputed[index][kind]
         if kind == "heads":
