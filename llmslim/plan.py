@@ -50,7 +50,11 @@ def plan_recipe(recipe: Recipe) -> Plan:
         # layer inputs and outputs of every calibration window, in float32
         calib = 2 * recipe.calibration.samples * recipe.calibration.seqlen * hidden * 4
     peak = None if weights is None else int(weights * 1.2 + calib)
+    note = "estimate: weights x1.2 (activations, one layer's workspace) + calibration activations"
+    if params and any(s.STEP_NAME == "distill" for s in recipe.steps):
+        # the teacher, plus a float32 student with its gradients and two AdamW moments
+        peak = max(peak, int(weights * 2 + params * 4 * 4))
+        note += "; distill: teacher + fp32 student, gradients and AdamW state (activations not counted)"
     return Plan(name=recipe.name, model=recipe.model, output=recipe.output,
                 steps=[s.describe() for s in recipe.steps], parameters=params, weights_bytes=weights,
-                calibration_bytes=calib, estimated_peak_bytes=peak,
-                note="estimate: weights x1.2 (activations, one layer's workspace) + calibration activations")
+                calibration_bytes=calib, estimated_peak_bytes=peak, note=note)

@@ -45,24 +45,27 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
                          "the two models must share the tokenizer and vocabulary")
 
 
+def _softened_kl(log_p: torch.Tensor, log_q: torch.Tensor, temperature: float,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """``T^2 * KL(p || q)`` per position from log-probabilities, masked mean over positions."""
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return temperature ** 2 * masked_mean(per_position, mask)
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(p_teacher || p_student)`` on temperature-softened distributions."""
     _check_pair(student_logits, teacher_logits)
-    log_s = _log_probs(student_logits, temperature)
-    log_t = _log_probs(teacher_logits, temperature)
-    per_position = (log_t.exp() * (log_t - log_s)).sum(-1)
-    return temperature ** 2 * masked_mean(per_position, mask)
+    return _softened_kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature),
+                        temperature, mask)
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """``T^2 * KL(p_student || p_teacher)`` on temperature-softened distributions."""
     _check_pair(student_logits, teacher_logits)
-    log_s = _log_probs(student_logits, temperature)
-    log_t = _log_probs(teacher_logits, temperature)
-    per_position = (log_s.exp() * (log_s - log_t)).sum(-1)
-    return temperature ** 2 * masked_mean(per_position, mask)
+    return _softened_kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature),
+                        temperature, mask)
 
 
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

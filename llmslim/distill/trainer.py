@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmslim.distill.data import DistillData, SampleOrder, lr_factor, mix_seed
-from llmslim.distill.distributed import all_reduce_sum, barrier, world
+from llmslim.distill.distributed import all_reduce_sum, barrier, broadcast_object, world
 from llmslim.distill.losses import distillation_loss
 from llmslim.distill.records import DistillResult, Position
 from llmslim.distill.runtime import scalar, set_checkpointing, stop_on_signals, write_atomic
@@ -152,6 +152,15 @@ class Distiller:
             LOGGER.warning("distill: %s was written for another config, data or model; starting over", path)
             return None
         return state
+
+    def _check_same_start(self, state: dict | None) -> None:
+        """Every rank must resume from the same step as rank 0 (or all start afresh)."""
+        mine = state["progress"]["step"] if state is not None else None
+        leader = broadcast_object(mine)
+        if mine != leader:
+            raise StepError("distill", f"rank {self.rank} would start at step {mine or 0} but rank 0 resumes at "
+                                       f"step {leader or 0}: the work folder ({self.state_path}) must be on a "
+                                       "filesystem every rank sees")
 
     def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         decay, rest = [], []
@@ -302,6 +311,7 @@ class Distiller:
             p.requires_grad_(True)
         identity = self._identity()
         state = self._read_state(identity)
+        self._check_same_start(state)
         pos = Position()
         if state is not None:
             student.load_state_dict(state["model"])
