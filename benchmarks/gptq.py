@@ -40,6 +40,7 @@ def quantize_one(model_dir, tokenizer, ctx, config, eval_ids, base_ppl, tmp: Pat
         outcome = run_step(model, config, ctx)
     ppl = perplexity(model, eval_ids, batch_size=8)
     math_s = sum(s.get("seconds", 0.0) for s in outcome.layers)
+    phases = outcome.changed.get("phase_seconds", {})
     return {
         "method": config.STEP_NAME if config.STEP_NAME == "rtn" else
         ("gptq+act_order+mse" if config.act_order else "gptq"),
@@ -49,6 +50,8 @@ def quantize_one(model_dir, tokenizer, ctx, config, eval_ids, base_ppl, tmp: Pat
         "quant_s": round(timer.seconds, 2), "gptq_math_s": round(math_s, 2),
         "peak_MB": round(peak.peak_bytes / 1e6), "decode_tok_s": round(decode_speed(model), 1),
         "kernel": next((m.kernel for m in model.modules() if hasattr(m, "qweight")), "-"),
+        "where_s": " / ".join(f"{k} {phases[k]:.1f}" for k in ("forward", "collect", "compress", "rerun")
+                              if k in phases),
     }
 
 
@@ -103,8 +106,8 @@ def main() -> None:
             for make in METHODS.values():
                 rows.append(quantize_one(model_dir, tokenizer, ctx, make(bits, gs), eval_ids, base_ppl, Path(tmp)))
                 print(rows[-1], flush=True)
-    columns = ["method", "bits", "group", "ppl", "increase_%", "size_MB", "quant_s", "gptq_math_s", "peak_MB",
-               "decode_tok_s", "kernel"]
+    columns = ["method", "bits", "group", "ppl", "increase_%", "size_MB", "quant_s", "gptq_math_s", "where_s",
+               "peak_MB", "decode_tok_s", "kernel"]
     table = markdown_table(rows, columns)
     meta = {"model": str(model_dir.name), "calibration": f"{args.samples} x {args.seqlen} tokens of train.txt",
             "eval": f"test.txt, seqlen {args.seqlen}, {eval_ids.shape[0]} windows", "threads": torch.get_num_threads()}
