@@ -79,8 +79,9 @@ class PhaseTimes:
         return {k: round(v, 3) for k, v in out.items()}
 
 
-class _Captured(Exception):
-    """Stops the model's forward once the first layer's inputs are seen."""
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once what it needs is seen (the first
+    layer's inputs, or the inputs of a group's linears): the rest would be wasted work."""
 
 
 def _to(value, device):
@@ -104,7 +105,7 @@ def capture_first_layer_inputs(model, layers: nn.ModuleList, windows: torch.Tens
         rest["use_cache"] = False
         rest.pop("past_key_values", None), rest.pop("past_key_value", None), rest.pop("layer_past", None)
         captured.kwargs.append(rest)
-        raise _Captured
+        raise _StopForward
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -112,7 +113,7 @@ def capture_first_layer_inputs(model, layers: nn.ModuleList, windows: torch.Tens
             batch = windows[start : start + batch_size].to(_model_device(model))
             try:
                 model(input_ids=batch, use_cache=False)
-            except _Captured:
+            except _StopForward:
                 pass
     finally:
         handle.remove()
@@ -158,10 +159,6 @@ def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: Captu
     return list(groups.values()) + [[n] for n in linears if n not in seen]
 
 
-class _GroupSeen(Exception):
-    """Stops a layer's forward once every linear of the group has seen its input."""
-
-
 @torch.no_grad()
 def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: LayerCompressor,
                      times: PhaseTimes) -> None:
@@ -176,14 +173,14 @@ def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: Lay
                 compressor.collect(_name, mod, args[0])  # no_grad: nothing to detach
             seen.add(_name)
             if len(seen) == len(group):
-                raise _GroupSeen
+                raise _StopForward
         handles.append(module.register_forward_pre_hook(hook))
     try:
         for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
             seen.clear()
             try:
                 layer(hidden, **kwargs)
-            except _GroupSeen:
+            except _StopForward:
                 pass
     finally:
         for h in handles:

@@ -48,10 +48,6 @@ def _run_one(path: Path, overrides: list[str], output: Path | None, dry_run: boo
 
 def _start_distributed() -> int:
     """Under torchrun / accelerate launch (WORLD_SIZE > 1) join the process group; return the rank."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
     from llmslim.distill.distributed import init_distributed
 
     rank, _ = init_distributed()

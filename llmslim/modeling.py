@@ -150,10 +150,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return lists[0]
 
 
-def is_linear(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transposed linear (weight [in, out])."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def find_linears(root: nn.Module, ignore: list[str] = (), prefix: str = "") -> dict[str, nn.Module]:

@@ -49,8 +49,9 @@ class RunOutcome:
 
 def is_follower() -> bool:
     """True on ranks other than 0 of a torchrun/accelerate launch: they compute, rank 0 writes."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    from llmslim.distill.distributed import world
+
+    return world()[0] != 0
 
 
 @dataclass
@@ -149,14 +150,25 @@ def _follow(recipe: Recipe, force: bool, progress: Progress) -> RunOutcome:
     if _up_to_date(run, prev, force):
         return RunOutcome(None, exit_code_for(prev.status), up_to_date=True)
     device = resolve_device(recipe.device)
+    tokenizer, model = _load_input(run, device)
+    calibration, _ = _calibration(recipe, tokenizer)
+    _run_steps(run, model, tokenizer, _step_context(run, tokenizer, device, calibration, Progress(quiet=True)),
+               save=False)
+    return RunOutcome(None, EXIT_OK)
+
+
+def _load_input(run: _Run, device: torch.device):
+    """The recipe's tokenizer and input model, on ``device``."""
+    recipe = run.recipe
     tokenizer = load_tokenizer(str(run.model_path), recipe.trust_remote_code)
     model = load_model(str(run.model_path), recipe.dtype, device, trust_remote_code=recipe.trust_remote_code,
                        allow_pickle=recipe.allow_pickle)
-    calibration, _ = _calibration(recipe, tokenizer)
-    ctx = StepContext(tokenizer=tokenizer, device=device, seed=recipe.seed, progress=Progress(quiet=True),
-                      calibration=calibration, model_path=run.model_path, dtype=recipe.dtype)
-    _run_steps(run, model, tokenizer, ctx, save=False)
-    return RunOutcome(None, EXIT_OK)
+    return tokenizer, model
+
+
+def _step_context(run: _Run, tokenizer, device: torch.device, calibration, progress: Progress) -> StepContext:
+    return StepContext(tokenizer=tokenizer, device=device, seed=run.recipe.seed, progress=progress,
+                       calibration=calibration, model_path=run.model_path, dtype=run.recipe.dtype)
 
 
 def _environment(device: torch.device) -> Environment:
@@ -182,15 +194,12 @@ def _execute(run: _Run) -> RunOutcome:
     device = resolve_device(recipe.device)
     fields["environment"] = _environment(device)
     LOGGER.info("%s: loading %s on %s", recipe.name, recipe.model, device)
-    tokenizer = load_tokenizer(str(run.model_path), recipe.trust_remote_code)
-    model = load_model(str(run.model_path), recipe.dtype, device, trust_remote_code=recipe.trust_remote_code,
-                       allow_pickle=recipe.allow_pickle)
+    tokenizer, model = _load_input(run, device)
     windows = prepare_eval_windows(recipe.evaluate, tokenizer)
     calibration, fields["calibration"] = _calibration(recipe, tokenizer)
     try:
         fields["baseline"] = _baseline(run, model, windows)
-        ctx = StepContext(tokenizer=tokenizer, device=device, seed=recipe.seed, progress=run.progress,
-                          calibration=calibration, model_path=run.model_path, dtype=recipe.dtype)
+        ctx = _step_context(run, tokenizer, device, calibration, run.progress)
         model, fields["steps"] = _run_steps(run, model, tokenizer, ctx)
         final_dir = run.work.step_dir(len(recipe.steps) - 1)
         LOGGER.info("%s: evaluating the result", recipe.name)

@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "world", "is_main", "barrier", "all_reduce_sum", "broadcast_object"]
+__all__ = ["init_distributed", "world", "barrier", "all_reduce_sum", "broadcast_object"]
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
@@ -45,10 +45,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def is_main() -> bool:
-    return world()[0] == 0
 
 
 def barrier() -> None:

@@ -37,7 +37,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmslim.distill.data import DistillData, SampleOrder, lr_factor, mix_seed
@@ -46,6 +45,7 @@ from llmslim.distill.losses import distillation_loss
 from llmslim.distill.records import DistillResult, Position
 from llmslim.distill.runtime import scalar, set_checkpointing, stop_on_signals, write_atomic
 from llmslim.errors import StepError
+from llmslim.evaluate.perplexity import window_nll
 from llmslim.modeling import decoder_layers
 from llmslim.progress import LOGGER
 from llmslim.recipe.steps import DistillConfig
@@ -240,13 +240,10 @@ class Distiller:
             idx = [(start + j) * size + self.rank for j in range(self.micro) if start + j < per_rank]
             real = [i for i in idx if i < n]
             batch = windows[real or [0]].to(self.device)  # a rank with no window left still joins (FSDP)
-            logits = module(input_ids=batch, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                                  reduction="sum")
+            nll, tokens = window_nll(module, batch)
             if real:
                 sums[0] += nll.double()
-                sums[1] += batch[:, 1:].numel()
-            del logits
+                sums[1] += tokens
         all_reduce_sum(sums)
         module.train(was_training)
         return math.exp(float(sums[0] / sums[1]))

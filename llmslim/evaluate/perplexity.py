@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from llmslim.data import join_documents
 from llmslim.errors import UsageError
 
-__all__ = ["tokenize_text", "eval_windows", "perplexity"]
+__all__ = ["tokenize_text", "eval_windows", "window_nll", "perplexity"]
 
 
 def tokenize_text(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -36,6 +36,14 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     return ids[: count * seqlen].view(count, seqlen)
 
 
+def window_nll(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed next-token negative log-likelihood, predicted tokens) of windows ``batch`` [b, seqlen]."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                          reduction="sum")
+    return nll, batch[:, 1:].numel()
+
+
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress=None) -> float:
     """exp(mean next-token negative log-likelihood) over ``windows`` ([n, seqlen])."""
@@ -44,11 +52,7 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress=No
     batches = range(0, windows.shape[0], batch_size)
     iterator = progress.track(batches, "perplexity", total=len(batches)) if progress else batches
     for start in iterator:
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-        )
+        nll, tokens = window_nll(model, windows[start : start + batch_size].to(device))
         total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
+        total_tokens += tokens
     return math.exp(total_nll / total_tokens)

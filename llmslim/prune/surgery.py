@@ -12,21 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmslim.modeling import decoder_layers, layer_prefix
+from llmslim.modeling import decoder_layers, is_conv1d, layer_prefix
 from llmslim.prune.families import Family
 
-__all__ = ["submodule", "slice_outputs", "slice_inputs", "head_rows", "prune_attention", "prune_mlp",
+__all__ = ["slice_outputs", "slice_inputs", "head_rows", "prune_attention", "prune_mlp",
            "attention_linears", "mlp_linears", "remove_layers", "write_width_config"]
-
-
-def submodule(root: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return not isinstance(module, nn.Linear) and hasattr(module, "nf")
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -37,7 +27,7 @@ def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
     """Keep only the output features ``index`` (rows of W, entries of the bias)."""
     index = index.to(module.weight.device)
-    if _is_conv1d(module):
+    if is_conv1d(module):
         _replace(module, "weight", module.weight.data[:, index])
         module.nf = index.numel()
     else:
@@ -50,7 +40,7 @@ def slice_outputs(module: nn.Module, index: torch.Tensor) -> None:
 def slice_inputs(module: nn.Module, index: torch.Tensor) -> None:
     """Keep only the input features ``index`` (columns of W; the bias is unchanged)."""
     index = index.to(module.weight.device)
-    if _is_conv1d(module):
+    if is_conv1d(module):
         _replace(module, "weight", module.weight.data[index])
         module.nx = index.numel()
     else:
@@ -65,12 +55,12 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def attention_linears(layer: nn.Module, family: Family) -> tuple[nn.Module, ...]:
     """(attention module, q, k, v, o) of one decoder layer."""
-    attn = submodule(layer, family.attention)
-    return attn, *(submodule(attn, name) for name in (family.q, family.k, family.v, family.o))
+    attn = layer.get_submodule(family.attention)
+    return attn, *(attn.get_submodule(name) for name in (family.q, family.k, family.v, family.o))
 
 
 def mlp_linears(layer: nn.Module, family: Family) -> tuple[list[nn.Module], nn.Module]:
-    return [submodule(layer, name) for name in family.mlp_in], submodule(layer, family.mlp_out)
+    return [layer.get_submodule(name) for name in family.mlp_in], layer.get_submodule(family.mlp_out)
 
 
 def prune_attention(layer: nn.Module, family: Family, kept: torch.Tensor, heads: int, kv_heads: int,
@@ -124,7 +114,7 @@ def remove_layers(model: nn.Module, family: Family, drop: list[int]) -> None:
     old = len(layers)
     keep = [i for i in range(old) if i not in set(drop)]
     parent_path, _, attr = layer_prefix(model, layers).rpartition(".")
-    parent = submodule(model, parent_path) if parent_path else model
+    parent = model.get_submodule(parent_path)
     setattr(parent, attr, nn.ModuleList([layers[i] for i in keep]))
     for new, old_index in enumerate(keep):
         for module in layers[old_index].modules():

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmslim.quant.quantizer import QuantizedWeight, QuantSpec, dequantize, find_params, quantize
+from llmslim.quant.quantizer import (QuantizedWeight, QuantSpec, dequantize, find_params, group_params,
+                                     quantize)
 
 __all__ = ["GPTQStats", "make_empty_hessian", "accumulate_hessian", "gptq_quantize_weight"]
 
@@ -111,15 +112,6 @@ def _effective_block(block_size: int, gs: int, columns: int) -> int:
     if gs <= block_size:
         return (block_size // gs) * gs
     return max(d for d in range(1, block_size + 1) if gs % d == 0)
-
-
-def _static_params(W: torch.Tensor, spec: QuantSpec, gs: int,
-                   hdiag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero ``[G, N]`` for each natural group of the (unpermuted) ``W [N, K]``."""
-    n, k = W.shape
-    importance = hdiag.reshape(1, k // gs, gs).expand(n, -1, -1).reshape(n * (k // gs), gs)
-    scale, zero = find_params(W.reshape(n * (k // gs), gs), spec, importance)      # [N*G, 1]
-    return scale.reshape(n, -1).t().contiguous(), zero.reshape(n, -1).t().contiguous()
 
 
 def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float) -> None:
@@ -207,7 +199,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     per_channel = groups == 1
     static = static_groups and not per_channel
     if static:
-        scales, zeros = _static_params(W, spec, gs, H.diagonal())      # [G, N]
+        scales, zeros = group_params(W, spec, H.diagonal())            # [G, N]
     else:
         scales = torch.zeros(groups, n, dtype=torch.float32, device=W.device)
         zeros = torch.zeros_like(scales)

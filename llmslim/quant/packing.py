@@ -94,46 +94,50 @@ def _unpack_runs(w: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.int32)
 
 
+def _pack_dim0(x: torch.Tensor, bits: int, what: str) -> torch.Tensor:
+    """Pack ``x [L, M]`` along its first dim: ``[L·bits/32, M]`` int32."""
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D matrix to pack, got shape {tuple(x.shape)}")
+    length, m = x.shape
+    _check_multiple(length, bits, what)
+    values, words = _run(bits)
+    return _pack_runs(x.reshape(length // values, values, m), bits).reshape(length // values * words, m)
+
+
+def _unpack_dim0(packed: torch.Tensor, bits: int, length: int, name: str, unit: str, dim: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_dim0` for ``packed`` whose dim ``dim`` holds the packed ``length`` values
+    (transposed to the front here); returns ``[length, M]`` int32."""
+    _check_multiple(length, bits, f"{'K' if dim == 0 else 'N'} ({unit})")
+    values, words = _run(bits)
+    if packed.dim() != 2 or packed.shape[dim] != length // values * words:
+        raise ValueError(f"{name} of shape {tuple(packed.shape)} does not hold {length} {unit} of {bits}-bit "
+                         f"values (expected {length * bits // 32} packed {unit})")
+    front = packed if dim == 0 else packed.t()
+    m = front.shape[1]
+    return _unpack_runs(front.reshape(length // values, words, m), bits).reshape(length, m)
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes [K, N]`` along K: ``[K·bits/32, N]`` int32 (the ``qweight`` layout)."""
-    if codes.dim() != 2:
-        raise ValueError(f"pack_rows expects a [K, N] matrix, got shape {tuple(codes.shape)}")
-    k, n = codes.shape
-    _check_multiple(k, bits, "K (rows)")
-    values, words = _run(bits)
-    return _pack_runs(codes.reshape(k // values, values, n), bits).reshape(k // values * words, n)
+    return _pack_dim0(codes, bits, "K (rows)")
 
 
 def unpack_rows(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     """Unpack ``qweight [K·bits/32, N]`` into ``[K, N]`` int32 codes."""
-    _check_multiple(K, bits, "K (rows)")
-    values, words = _run(bits)
-    if qweight.dim() != 2 or qweight.shape[0] != K // values * words:
-        raise ValueError(f"qweight of shape {tuple(qweight.shape)} does not hold {K} rows of {bits}-bit values "
-                         f"(expected {K * bits // 32} packed rows)")
-    n = qweight.shape[1]
-    return _unpack_runs(qweight.reshape(K // values, words, n), bits).reshape(K, n)
+    return _unpack_dim0(qweight, bits, K, "qweight", "rows", dim=0)
 
 
 def pack_cols(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``z [G, N]`` along N: ``[G, N·bits/32]`` int32 (the ``qzeros`` layout)."""
+    """Pack ``z [G, N]`` along N: ``[G, N·bits/32]`` int32 (the ``qzeros`` layout), i.e. the
+    ``qweight`` packing of the transpose."""
     if z.dim() != 2:
         raise ValueError(f"pack_cols expects a [G, N] matrix, got shape {tuple(z.shape)}")
-    g, n = z.shape
-    _check_multiple(n, bits, "N (columns)")
-    values, words = _run(bits)
-    return _pack_runs(z.reshape(g * n // values, values, 1), bits).reshape(g, n // values * words)
+    return _pack_dim0(z.t(), bits, "N (columns)").t().contiguous()
 
 
 def unpack_cols(qzeros: torch.Tensor, bits: int, N: int) -> torch.Tensor:
     """Unpack ``qzeros [G, N·bits/32]`` into ``[G, N]`` int32 values."""
-    _check_multiple(N, bits, "N (columns)")
-    values, words = _run(bits)
-    if qzeros.dim() != 2 or qzeros.shape[1] != N // values * words:
-        raise ValueError(f"qzeros of shape {tuple(qzeros.shape)} does not hold {N} columns of {bits}-bit values "
-                         f"(expected {N * bits // 32} packed columns)")
-    g = qzeros.shape[0]
-    return _unpack_runs(qzeros.reshape(g * N // values, words, 1), bits).reshape(g, N)
+    return _unpack_dim0(qzeros, bits, N, "qzeros", "columns", dim=1).t().contiguous()
 
 
 def to_gptq_tensors(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmslim.quant.packing import PACKABLE_BITS, _run, to_gptq_tensors, unpack_cols, unpack_rows
-from llmslim.quant.quantizer import QuantizedWeight, QuantSpec
+from llmslim.quant.quantizer import QuantizedWeight
 
 __all__ = ["QuantLinear", "KERNEL_INT4", "KERNEL_INT8", "KERNEL_DEQUANT"]
 
@@ -168,13 +168,6 @@ class QuantLinear(nn.Module):
         g = self.g_idx.long()
         w = self.scales.float()[g] * (codes.float() - zeros[g].float())    # [K, N]
         return w.t()
-
-    def to_quantized(self) -> QuantizedWeight:
-        """The layer's weight as a :class:`QuantizedWeight`."""
-        codes, zeros = self._codes_and_zeros()
-        return QuantizedWeight(codes=codes.t().contiguous().to(torch.uint8), scales=self.scales.float(),
-                               zeros=zeros, g_idx=self.g_idx.clone(),
-                               spec=QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym))
 
     # -- kernels --------------------------------------------------------------------------------
     def _kernel_plan(self) -> dict:

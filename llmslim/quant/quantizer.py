@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantSpec", "QuantizedWeight", "find_params", "quantize", "dequantize", "rtn_quantize_weight"]
+__all__ = ["QuantSpec", "QuantizedWeight", "find_params", "group_params", "quantize", "dequantize",
+           "rtn_quantize_weight"]
 
 SCALE_SEARCHES = ("minmax", "mse")
 MSE_GRID = 100         # candidate clipping ratios p = 1 - i / MSE_GRID
@@ -143,6 +144,18 @@ def find_params(w: torch.Tensor, spec: QuantSpec,
     return scale.unsqueeze(1), zero.unsqueeze(1)
 
 
+def group_params(w: torch.Tensor, spec: QuantSpec,
+                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grids of the natural groups (consecutive ``group_size`` columns) of ``w [N, K]``:
+    ``(scales [G, N], zeros [G, N])``; ``importance`` ``[K]`` as in :func:`find_params`."""
+    n, k = w.shape
+    gs, groups = spec.groups_for(k)
+    if importance is not None:
+        importance = importance.reshape(1, groups, gs).expand(n, -1, -1).reshape(n * groups, gs)
+    scale, zero = find_params(w.reshape(n * groups, gs), spec, importance)       # [N*G, 1], rows (n, g)
+    return scale.reshape(n, groups).t().contiguous(), zero.reshape(n, groups).t().contiguous()
+
+
 @dataclass
 class QuantizedWeight:
     """A quantized ``[N, K]`` weight (``N`` outputs, ``K`` inputs).
@@ -187,13 +200,12 @@ def rtn_quantize_weight(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     w = W.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("the weight contains NaN or infinite values")
-    flat = w.reshape(n * groups, gs)                           # [N*G, gs], rows ordered (n, g)
-    scale, zero = find_params(flat, spec)                      # [N*G, 1]
-    codes = quantize(flat, scale, zero, spec.maxq).reshape(n, k)
+    scales, zeros = group_params(w, spec)                      # [G, N]
+    codes = quantize(w.reshape(n, groups, gs), scales.t().unsqueeze(-1), zeros.t().unsqueeze(-1), spec.maxq)
     return QuantizedWeight(
-        codes=codes.to(torch.uint8),
-        scales=scale.reshape(n, groups).t().contiguous(),
-        zeros=zero.reshape(n, groups).t().to(torch.int32).contiguous(),
+        codes=codes.reshape(n, k).to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
         g_idx=(torch.arange(k, device=w.device) // gs).to(torch.int32),
         spec=spec,
     )

@@ -20,20 +20,6 @@ def looks_local(model: str, base_dir: Path) -> bool:
     return model.startswith((".", "/", "~")) or (base_dir / model).exists()
 
 
-def _resolve_model(recipe: Recipe, base_dir: Path, add: Callable) -> str:
-    model = recipe.model
-    if looks_local(model, base_dir):
-        path = (base_dir / Path(model).expanduser()).resolve()
-        if not path.is_dir():
-            add(("model",), f"model folder not found: {path}")
-        elif not (path / "config.json").is_file():
-            add(("model",), f"{path} is not a Hugging Face model folder (no config.json)")
-        return str(path)
-    if not _HUB_ID.match(model):
-        add(("model",), f"{model!r} is neither an existing folder nor a hub id such as 'org/name'")
-    return model
-
-
 def _resolve_dataset(spec: str, base_dir: Path, loc: tuple, add: Callable) -> str:
     ds = parse_dataset(spec, base_dir)
     why = check_dataset(ds)
@@ -120,7 +106,7 @@ def _resolve_distill(recipe: Recipe, base_dir: Path, add: Callable) -> list:
 
 def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:
     """A copy of ``recipe`` with absolute paths; problems go to ``add(loc, msg)``."""
-    update: dict = {"model": _resolve_model(recipe, base_dir, add)}
+    update: dict = {"model": _resolve_model_ref(recipe.model, base_dir, ("model",), "model", add)}
     if recipe.calibration is not None:
         ds = _resolve_dataset(recipe.calibration.dataset, base_dir, ("calibration", "dataset"), add)
         update["calibration"] = recipe.calibration.model_copy(update={"dataset": ds})

@@ -12,9 +12,9 @@ from torch import nn
 from llmslim.calibration import PhaseTimes, sequential_calibrate
 from llmslim.errors import StepError
 from llmslim.modeling import linear_weight, set_linear_weight
-from llmslim.quant import QuantSpec, accumulate_hessian, gptq_quantize_weight, make_empty_hessian
-from llmslim.quant.checkpoint import gptq_config_dict, install_quantized
+from llmslim.quant import accumulate_hessian, gptq_quantize_weight, make_empty_hessian
 from llmslim.steps.base import StepContext, StepOutcome
+from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
 __all__ = ["apply_gptq", "GPTQCompressor", "relative_output_error"]
 
@@ -34,8 +34,7 @@ class GPTQCompressor:
 
     def __init__(self, config, device: torch.device):
         self.config, self.device = config, device
-        self.spec = QuantSpec(bits=config.bits, group_size=config.group_size, sym=config.sym,
-                              scale_search=config.scale_search)
+        self.spec = spec_from_config(config)
         self.hessians: dict[str, tuple[torch.Tensor, int]] = {}   # keyed by the first linear of an input
         self.owner: dict[str, str] = {}                            # linear -> key of its Hessian
         self._last: tuple[torch.Tensor | None, str] = (None, "")   # the input seen last, and its key
@@ -74,15 +73,14 @@ class GPTQCompressor:
         w = linear_weight(module).to(self.device, torch.float32, copy=True)  # the module is overwritten below
         start = time.perf_counter()
         try:
-            qw, stats = gptq_quantize_weight(w, h.clone(), self.spec, block_size=cfg.block_size, damp=cfg.damp,
+            qw, stats = gptq_quantize_weight(w, h, self.spec, block_size=cfg.block_size, damp=cfg.damp,
                                              act_order=cfg.act_order, static_groups=cfg.use_static_groups)
         except ValueError as exc:
             raise StepError("gptq", f"{name}: {exc}") from None
         seconds = time.perf_counter() - start
         deq = qw.dequantize().to(w.device)
         set_linear_weight(module, deq.to(module.weight.dtype))
-        bias = module.bias.detach().clone() if module.bias is not None else None
-        self.results[name] = (qw, bias)
+        self.results[name] = (qw, bias_copy(module))
         return {"relative_output_error": relative_output_error(w, deq, h), "damp": stats.damp_used,
                 "damp_retries": stats.damp_retries, "dead_columns": stats.dead_columns, "seconds": seconds}
 
@@ -102,9 +100,6 @@ def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
                "bits": config.bits, "group_size": config.group_size, "format": config.format,
                "calibration_seconds": round(time.perf_counter() - start, 3),
                "phase_seconds": times.summary()}
-    if config.format == "gptq":
-        desc_act = config.act_order and not config.use_static_groups
-        qcfg = gptq_config_dict(bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=desc_act,
-                                true_sequential=config.true_sequential, damp=config.damp, method="gptq")
-        install_quantized(model, compressor.results, qcfg)
+    install_if_packed(model, compressor.results, config, desc_act=config.act_order and not config.use_static_groups,
+                      true_sequential=config.true_sequential, damp=config.damp, method="gptq")
     return StepOutcome(changed=changed, layers=stats)

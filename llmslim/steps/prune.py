@@ -198,11 +198,16 @@ def _check_layout(model: nn.Module, shape: ModelShape, plan: PrunePlan) -> None:
                                  "attention scale of every later layer depends on its index")
 
 
+def _write_sizes(config, shape: ModelShape, plan: PrunePlan) -> None:
+    """The planned widths into a model config (heads, key/value heads, head_dim, intermediate size)."""
+    write_width_config(config, shape.family, plan.heads.total if plan.heads else None,
+                       plan.heads.groups if plan.heads else None, shape.head_dim, plan.mlp_keep)
+
+
 def _check_config(model: nn.Module, shape: ModelShape, plan: PrunePlan) -> None:
     """The new sizes must make a config transformers accepts (its own validators), or nothing is touched."""
     trial = copy.deepcopy(model.config)
-    write_width_config(trial, shape.family, plan.heads.total if plan.heads else None,
-                       plan.heads.groups if plan.heads else None, shape.head_dim, plan.mlp_keep)
+    _write_sizes(trial, shape, plan)
     validate = getattr(trial, "validate", None)
     if callable(validate):
         try:
@@ -295,8 +300,7 @@ def apply_prune(model, config, ctx: StepContext) -> StepOutcome:
                            layers=_layer_report(shape, None, None, []))
     start = time.perf_counter()
     compressor, meter = _prune_width(model, config, ctx, shape, plan)
-    write_width_config(model.config, shape.family, plan.heads.total if plan.heads else None,
-                       plan.heads.groups if plan.heads else None, shape.head_dim, plan.mlp_keep)
+    _write_sizes(model.config, shape, plan)
     drop = layers_to_drop([meter.values[i] for i in range(shape.layers)], plan.drop_layers) \
         if plan.drop_layers else []
     remove_layers(model, shape.family, drop)

@@ -6,16 +6,11 @@ import torch
 
 from llmslim.errors import StepError
 from llmslim.modeling import decoder_layers, find_linears, layer_prefix, linear_weight, set_linear_weight
-from llmslim.quant import QuantSpec, rtn_quantize_weight
-from llmslim.quant.checkpoint import gptq_config_dict, install_quantized
+from llmslim.quant import rtn_quantize_weight
 from llmslim.steps.base import StepOutcome
+from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
-__all__ = ["apply_rtn", "spec_from_config"]
-
-
-def spec_from_config(config) -> QuantSpec:
-    return QuantSpec(bits=config.bits, group_size=config.group_size, sym=config.sym,
-                     scale_search=config.scale_search)
+__all__ = ["apply_rtn"]
 
 
 @torch.no_grad()
@@ -34,8 +29,7 @@ def apply_rtn(model, config, ctx):
                 raise StepError("rtn", f"{name}: {exc}") from None
             deq = qw.dequantize()
             set_linear_weight(module, deq.to(module.weight.dtype))
-            bias = module.bias.detach().clone() if module.bias is not None else None
-            results[name] = (qw, bias)
+            results[name] = (qw, bias_copy(module))
             rel = ((deq - w).norm() / w.norm().clamp_min(1e-12)).item()
             stats.append({"layer": index, "module": name, "relative_weight_error": rel})
             count += 1
@@ -44,8 +38,5 @@ def apply_rtn(model, config, ctx):
         raise StepError("rtn", f"no linear layer matched in the decoder layers (ignore={config.ignore})")
     changed = {"modules_quantized": count, "weights_quantized": weights, "bits": spec.bits,
                "group_size": spec.group_size, "format": config.format}
-    if config.format == "gptq":
-        qcfg = gptq_config_dict(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, desc_act=False,
-                                true_sequential=False, damp=0.01, method="rtn")
-        install_quantized(model, results, qcfg)
+    install_if_packed(model, results, config, desc_act=False, true_sequential=False, damp=0.01, method="rtn")
     return StepOutcome(changed=changed, layers=stats)
