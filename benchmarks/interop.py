@@ -7,7 +7,11 @@ interpreter that has gptqmodel + optimum (``--peer-python``):
 1. loads llmslim's W4 checkpoint with stock ``transformers`` and compares its
    logits and perplexity with llmslim's own loader (the interop check);
 2. quantizes the same model with GPTQModel on the same calibration windows
-   and reports its perplexity beside llmslim's (the side-by-side).
+   and reports its perplexity beside llmslim's (the side-by-side), both as
+   GPTQModel evaluates it (fp16) and through llmslim's loader and evaluation
+   (the same path as llmslim's own result: the fair comparison).
+
+Every perplexity uses the first ``--eval-windows`` test windows.
 
 Skips (exit 0) when ../shared or the peer interpreter is absent.
 """
@@ -38,6 +42,8 @@ def peer(python: str, *args: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", default="", help="python of a venv with gptqmodel and optimum")
+    parser.add_argument("--eval-windows", type=int, default=64,
+                        help="test windows for every perplexity here (the peer runs fp16 on CPU, which is slow)")
     args = parser.parse_args()
     model_dir, data_dir = shared_or_skip("pydocs-llama-9m", "pydocs")
     if not args.peer_python or not Path(args.peer_python).exists():
@@ -45,6 +51,7 @@ def main() -> None:
         sys.exit(0)
     tokenizer = load_tokenizer(str(model_dir))
     calib, windows = load_windows(tokenizer, data_dir, 128, 256)
+    windows = windows[: args.eval_windows]
     ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
                       calibration=calib)
     base = perplexity(load_model(str(model_dir), "float32", "cpu"), windows, batch_size=8)
@@ -76,15 +83,21 @@ def main() -> None:
             theirs = json.loads((tmp / f"gptqmodel-{bits}.json").read_text())
             row["gptqmodel_ppl"] = round(theirs["perplexity"], 3)
             row["gptqmodel_increase_%"] = round(100 * (theirs["perplexity"] / base - 1), 3)
+            # the same evaluation path for both: GPTQModel's checkpoint through llmslim's loader and kernels
+            same_path = perplexity(load_model(str(tmp / f"gptqmodel-{bits}.json.ckpt"), "float32", "cpu"), windows,
+                                   batch_size=8)
+            row["gptqmodel_ppl_llmslim_eval"] = round(same_path, 3)
+            row["gptqmodel_increase_llmslim_eval_%"] = round(100 * (same_path / base - 1), 3)
             row["gptqmodel_s"] = round(theirs["quantize_seconds"], 1)
             rows.append(row)
             print(row, flush=True)
     columns = list(rows[0].keys() | rows[-1].keys())
     order = ["bits", "group", "original_ppl", "llmslim_ppl", "llmslim_increase_%", "gptqmodel_ppl",
-             "gptqmodel_increase_%", "llmslim_s", "gptqmodel_s", "hf_load_kernels", "hf_load_ppl",
+             "gptqmodel_increase_%", "gptqmodel_ppl_llmslim_eval", "gptqmodel_increase_llmslim_eval_%", "llmslim_s", "gptqmodel_s", "hf_load_kernels", "hf_load_ppl",
              "hf_vs_llmslim_max_abs_logit_diff"]
     table = markdown_table(rows, [c for c in order if c in columns])
     write_results("interop", rows, table, {"model": model_dir.name, "calibration": "128 x 256 pydocs train",
+                                           "eval": f"first {windows.shape[0]} windows of 256 tokens of test.txt",
                                            "peer": args.peer_python})
 
 

@@ -51,7 +51,7 @@ def quantize(model_dir: str, calib_path: str, windows_path: str, bits: str, grou
     calib = torch.load(calib_path)
     dataset = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
     config = QuantizeConfig(bits=int(bits), group_size=int(group), sym=True, desc_act=False, device="cpu")
-    model = GPTQModel.load(model_dir, config, device="cpu")
+    model = GPTQModel.load(model_dir, config)  # QuantizeConfig.device picks the CPU
     start = time.perf_counter()
     model.quantize(dataset, batch_size=8)
     seconds = time.perf_counter() - start
