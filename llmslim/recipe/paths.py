@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from llmslim.data import check_dataset, parse_dataset
+from llmslim.recipe.model_checks import check_model_inputs
+from llmslim.recipe.output_checks import check_output_path
+from llmslim.recipe.quant_checks import check_quant_targets
 from llmslim.recipe.schema import Recipe
 
 __all__ = ["resolve_paths", "looks_local"]
@@ -119,4 +122,8 @@ def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:
     update["output"] = str((out if out.is_absolute() else base_dir / out).resolve())
     _cross_checks(recipe, add)
     _check_prune_targets(recipe, update["model"], add)
-    return recipe.model_copy(update=update)
+    resolved = recipe.model_copy(update=update)
+    check_output_path(resolved, base_dir, add)
+    check_model_inputs(resolved, add)
+    check_quant_targets(resolved, add)
+    return resolved
