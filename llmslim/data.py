@@ -12,8 +12,10 @@ Dataset specs:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ __all__ = [
     "join_documents",
     "sample_windows",
     "hash_token_ids",
+    "invalid_utf8_message",
+    "first_invalid_utf8",
 ]
 
 _BLANK = re.compile(r"\n(?:[ \t]*\n)+")
@@ -65,11 +69,52 @@ def parse_dataset(spec: str, base_dir: Path | None = None) -> DatasetSpec:
     raise UsageError(f"unknown dataset kind in {spec!r}")
 
 
+def invalid_utf8_message(offset: int, byte: int | None) -> str:
+    """What to say about a file whose ``byte`` at ``offset`` is not valid UTF-8 (None: the file ends
+    inside a character)."""
+    what = f"byte 0x{byte:02x}" if byte is not None else "a truncated character"
+    return f"not UTF-8 text: {what} at byte offset {offset} cannot be decoded; re-save the file as UTF-8"
+
+
+def first_invalid_utf8(path: Path, chunk_size: int = 1 << 20) -> tuple[int, int | None] | None:
+    """(byte offset, byte) of the first invalid UTF-8 in ``path``, streaming; None when it is all valid."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as fh:
+        while True:
+            chunk = fh.read(chunk_size)
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                data = pending + chunk
+                return offset - len(pending) + exc.start, data[exc.start] if exc.start < len(data) else None
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _decode_file(path: Path) -> str:
+    """A UTF-8 file's text with universal newlines, or a UsageError naming the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: {invalid_utf8_message(exc.start, raw[exc.start])}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def check_dataset(ds: DatasetSpec) -> str | None:
-    """Why this dataset cannot be read, or None when it looks usable."""
+    """Why this dataset cannot be read, or None when it looks usable (text files are decoded once)."""
     if ds.kind in ("text", "jsonl"):
         if not ds.path.is_file():
-            return f"file not found: {ds.path}"
+            return f"file not found: {ds.path}" if not ds.path.exists() else f"not a file: {ds.path}"
+        try:
+            bad = first_invalid_utf8(ds.path)
+        except OSError as exc:
+            return f"cannot read {ds.path}: {exc.strerror or exc}"
+        if bad is not None:
+            return f"{ds.path}: {invalid_utf8_message(*bad)}"
         return None
     if ds.kind == "builtin":
         from llmslim.builtin_data import BUILTIN_DATASETS
@@ -91,7 +136,7 @@ def split_documents(text: str) -> list[str]:
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as fh:
+    with io.StringIO(_decode_file(path)) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -116,7 +161,7 @@ def _read_hf(name: str) -> list[str]:
 def load_documents(ds: DatasetSpec) -> list[str]:
     """Read a dataset's documents."""
     if ds.kind == "text":
-        return split_documents(ds.path.read_text(encoding="utf-8"))
+        return split_documents(_decode_file(ds.path))
     if ds.kind == "jsonl":
         return _read_jsonl(ds.path, ds.field)
     if ds.kind == "builtin":

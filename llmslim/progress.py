@@ -7,8 +7,10 @@ is no global session.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -24,7 +26,8 @@ LOGGER = logging.getLogger("llmslim")
 
 
 def setup_logging(quiet: bool, console: Console) -> None:
-    """Console logging on stderr: rich on a terminal, plain text otherwise."""
+    """Console logging on stderr: rich on a terminal, plain text otherwise. With LLMSLIM_DEBUG set the
+    logger is at DEBUG, so failures are logged with their traceback."""
     for handler in list(LOGGER.handlers):
         if getattr(handler, "_llmslim_console", False):
             LOGGER.removeHandler(handler)
@@ -37,15 +40,20 @@ def setup_logging(quiet: bool, console: Console) -> None:
     _quiet_libraries()
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
+    LOGGER.setLevel(logging.DEBUG if os.environ.get("LLMSLIM_DEBUG") else logging.INFO)
     LOGGER.propagate = False
 
 
 def _quiet_libraries() -> None:
-    """transformers' and the hub's own bars and warnings would interleave with ours."""
+    """transformers' and the hub's own bars and warnings would interleave with ours; its deprecation
+    FutureWarnings (``past_key_values`` ...) are about its API, not the user's run."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    # the same warnings attributed to the caller's frame (torch's Module.__call__ for Llama)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`\w+` is deprecated and will be removed in version \S+ for `\w+")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     disable_progress_bars()
@@ -70,7 +78,7 @@ class Progress:
             yield from self._plain(items, description, total)
 
     def _rich(self, items: Iterable[T], description: str, total: int | None) -> Iterator[T]:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with RichProgress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task(description, total=total)

@@ -137,7 +137,7 @@ def test_set_overrides(issue_dir):
     recipe = load_recipe(path, ["steps.0.rtn.bits=3", "calibration.samples=8", "budgets.max_size_mb=50"])
     assert recipe.steps[0].bits == 3 and recipe.calibration.samples == 8 and recipe.budgets.max_size_mb == 50
     problems = problems_of(path, ["steps.0.rtn.bits=12"])
-    assert problems[0].startswith("--set: steps[0].rtn.bits: Input should be less than or equal to 8")
+    assert problems[0].startswith("--set steps.0.rtn.bits=12: steps[0].rtn.bits: Input should be less than or equal to 8")
     assert "expected KEY.PATH=VALUE" in problems_of(path, ["nonsense"])[0]
 
 
@@ -167,7 +167,7 @@ def test_resolved_recipe_round_trips(issue_dir):
     path.write_text(ISSUE_RECIPE)
     plain = load_recipe(path).to_plain()
     assert plain["steps"] == [{"rtn": {"bits": 4, "group_size": 128, "sym": True, "scale_search": "minmax",
-                                       "ignore": ["lm_head"], "format": "gptq"}}]
+                                       "ignore": ["lm_head"], "format": "gptq", "loaders": []}}]
     import yaml
 
     again = issue_dir / "again.yaml"

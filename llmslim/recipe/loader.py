@@ -1,93 +1,85 @@
 """YAML recipe -> validated :class:`Recipe`, or a :class:`RecipeError` whose
 problems name the file, the line and the field.
 
-Only ``yaml.SafeLoader`` is used. Line numbers come from the composed node
-tree, so every pydantic error can be located back in the file.
+The YAML is read by :mod:`llmslim.recipe.yaml_safe` (SafeLoader semantics with
+limits). Line numbers come from the composed node tree, so every pydantic error
+can be located back in the file; a problem a ``--set``/``--output`` value caused
+is blamed on that value.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmslim.errors import RecipeError, RecipeProblem
 from llmslim.recipe.paths import resolve_paths
 from llmslim.recipe.schema import Recipe
 from llmslim.recipe.steps import STEP_CONFIGS, RtnConfig, StepConfig
+from llmslim.recipe.yaml_safe import Loc, parse_yaml
 
 __all__ = ["load_recipe", "parse_override"]
 
-Loc = tuple[Any, ...]
+MAX_RECIPE_BYTES = 1_000_000
 
 
-def _line_map(node: yaml.Node, path: Loc = ()) -> dict[Loc, int]:
-    """Map each key path in a composed YAML tree to its 1-based line."""
-    lines = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = path + (key_node.value,)
-            lines.update(_line_map(value_node, child))
-            lines[child] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines.update(_line_map(item, path + (i,)))
-    return lines
-
-
-def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int]]:
-    loader = yaml.SafeLoader(text)
+def _parse_value(raw: str, text: str) -> Any:
+    """A ``--set`` value read as YAML (with the recipe's limits); the text itself when YAML refuses it,
+    so validation then says what is expected there."""
+    if not raw.strip():
+        return ""
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError([RecipeProblem(file, line, "", f"invalid YAML: {problem}")]) from None
-    finally:
-        loader.dispose()
-    return data, (_line_map(node) if node is not None else {})
+        return parse_yaml(raw, f"--set {text}")[0]
+    except RecipeError:
+        return raw
 
 
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """``a.b.0.c=value`` -> (path, value); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError([RecipeProblem("--set", None, text, "expected KEY.PATH=VALUE")])
-    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return path, value
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or not all(p.strip() for p in parts):
+        raise RecipeError([RecipeProblem(f"--set {text}", None, "", "expected KEY.PATH=VALUE, "
+                                         "such as steps.0.rtn.bits=3")])
+    path: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p.strip() for p in parts]
+    return path, _parse_value(raw, text)
 
 
-def _apply_override(data: dict, path: list[str | int], value: Any, text: str) -> None:
+def _override_problem(text: str, message: str) -> RecipeError:
+    return RecipeError([RecipeProblem(f"--set {text}", None, "", message)])
+
+
+def _apply_override(data: dict, path: list[str | int], value: Any, text: str) -> Loc | None:
+    """Set ``path`` in ``data``; returns the shortest prefix the recipe did not have (None: it had it)."""
     target: Any = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
+    created: Loc | None = None
+    for i, part in enumerate(path):
+        here = tuple(path[: i + 1])
+        last = i == len(path) - 1
         if isinstance(target, list):
             if not isinstance(part, int) or part >= len(target):
-                raise RecipeError([RecipeProblem("--set", None, text, f"no list item {part}")])
+                where = _field_name(here[:-1]) or "the recipe"
+                raise _override_problem(text, f"{where} has no item {part} (it has {len(target)}; "
+                                        "items are numbered from 0)")
+        elif isinstance(target, dict):
+            if target.get(part) is None:
+                created = created or here
+                if not last:
+                    target[part] = [] if isinstance(path[i + 1], int) else {}
+        else:
+            where = _field_name(here[:-1])
+            raise _override_problem(text, f"{where} is a single value ({str(target)[:40]!r}), not a mapping "
+                                    f"or a list, so it has no field {part!r}")
+        if last:
+            target[part] = value
+        else:
             target = target[part]
-            continue
-        if not isinstance(target, dict):
-            raise RecipeError([RecipeProblem("--set", None, text, f"{part!r} is not a mapping")])
-        if target.get(part) is None:
-            target[part] = [] if isinstance(nxt, int) else {}
-        target = target[part]
-    last = path[-1]
-    if isinstance(target, list) and isinstance(last, int) and last < len(target):
-        target[last] = value
-    elif isinstance(target, dict):
-        target[last] = value
-    else:
-        raise RecipeError([RecipeProblem("--set", None, text, "cannot set this path")])
+    return created
 
 
 def _field_name(loc: Loc) -> str:
@@ -113,22 +105,60 @@ def _model_at(root: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A value set from the command line: what to call it, where, and what it added to the recipe."""
+
+    label: str  # "--set steps.0.rtn.bits=5" or "--output DIR"
+    path: Loc
+    created: Loc | None = None  # the shortest prefix of ``path`` the recipe did not have
+
+
+_NAME_HELP = "letters, digits, . _ -, starting with a letter or digit"
+
+
 class _Problems:
-    """Collects located problems for one recipe file."""
+    """Collects located problems for one recipe file; a problem a command-line value caused is
+    blamed on that value, not on a recipe line that does not contain it."""
 
-    def __init__(self, file: str, lines: dict[Loc, int], overridden: set[Loc]):
-        self.file, self.lines, self.overridden, self.items = file, lines, overridden, []
+    def __init__(self, file: str, lines: dict[Loc, int], overrides: list[_Override], default_name: str | None):
+        self.file, self.lines, self.overrides, self.items = file, lines, overrides, []
+        self.default_name = default_name
 
-    def add(self, loc: Loc, message: str) -> None:
-        if any(loc[: len(o)] == o for o in self.overridden):
-            self.items.append(RecipeProblem("--set", None, _field_name(loc), message))
-            return
-        line = None
+    def _line(self, loc: Loc) -> int | None:
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.lines:
-                line = self.lines[loc[:n]]
-                break
-        self.items.append(RecipeProblem(self.file, line, _field_name(loc), message))
+                return self.lines[loc[:n]]
+        return None
+
+    def _blame(self, loc: Loc) -> tuple[_Override, str] | None:
+        """The override behind a problem at ``loc`` and a note to add, if one is."""
+        for o in self.overrides:  # the value itself, or inside it
+            if loc[: len(o.path)] == o.path:
+                note = f"; the recipe has no {_field_name(o.created)}, {o.label.split()[0]} added it" \
+                    if o.created else ""
+                return o, note
+        for o in self.overrides:  # inside something the override created
+            if o.created and loc[: len(o.created)] == o.created:
+                return o, f"; the recipe has no {_field_name(o.created)}, {o.label.split()[0]} created it"
+        for o in self.overrides:  # a check of a whole section that holds the override
+            if o.path[: len(loc)] == loc:
+                line = self.lines.get(loc)
+                return o, (f" (together with the recipe's {_field_name(loc) or 'fields'} at {self.file}:{line})"
+                           if line else "")
+        return None
+
+    def add(self, loc: Loc, message: str) -> None:
+        blamed = self._blame(loc)
+        if blamed is not None:
+            override, note = blamed
+            self.items.append(RecipeProblem(override.label, None, _field_name(loc), message + note))
+        elif self.default_name is not None and loc[:1] == ("name",):
+            self.items.append(RecipeProblem(self.file, None, "name", "the recipe has no `name:` and its file name "
+                                            f"{self.default_name!r} is not a valid name ({_NAME_HELP}); "
+                                            "set `name:` in the recipe"))
+        else:
+            self.items.append(RecipeProblem(self.file, self._line(loc), _field_name(loc), message))
 
     def add_validation(self, exc: ValidationError, root: type[BaseModel], prefix: Loc = ()) -> None:
         for err in exc.errors():
@@ -150,7 +180,8 @@ def _message(err: dict, root: type[BaseModel], loc: Loc) -> str:
         return "required field is missing"
     msg = err["msg"].removeprefix("Value error, ")
     if "input" in err and not isinstance(err["input"], (dict, list)):
-        msg += f" (got {err['input']!r})"
+        shown = repr(err["input"])
+        msg += f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return msg
 
 
@@ -181,28 +212,55 @@ def _validate_steps(raw: Any, problems: _Problems) -> list[StepConfig]:
     return steps
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), output: str | Path | None = None) -> Recipe:
-    """Read, override, validate and resolve one recipe file."""
-    path = Path(path)
-    file = str(path)
+def _read_text(path: Path, file: str) -> str:
+    """The recipe file's text: UTF-8, at most MAX_RECIPE_BYTES."""
+    from llmslim.data import invalid_utf8_message
+
+    def refuse(message: str) -> RecipeError:
+        return RecipeError([RecipeProblem(file, None, "", message)])
+
+    if path.is_dir():
+        raise refuse("is a folder, not a recipe file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
-        raise RecipeError([RecipeProblem(file, None, "", "recipe file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([RecipeProblem(file, None, "", f"cannot read recipe: {exc}")]) from None
-    data, lines = _parse_yaml(text, file)
-    if not isinstance(data, dict):
-        raise RecipeError([RecipeProblem(file, 1, "", "a recipe is a YAML mapping (version, name, model, steps, ...)")])
-    overridden: set[Loc] = set()
+        raise refuse("recipe file not found") from None
+    except OSError as exc:
+        raise refuse(f"cannot read recipe: {exc.strerror or exc}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise refuse(f"larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a small YAML file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(invalid_utf8_message(exc.start, raw[exc.start])) from None
+
+
+def _apply_overrides(data: dict, overrides: list[str], output: str | Path | None) -> list[_Override]:
+    applied = []
     for item in overrides:
         key_path, value = parse_override(item)
-        _apply_override(data, key_path, value, item)
-        overridden.add(tuple(key_path))
+        created = _apply_override(data, key_path, value, item)
+        applied.append(_Override(f"--set {item}", tuple(key_path), created))
     if output is not None:
         data["output"] = str(Path(output).resolve())
-        overridden.add(("output",))
-    problems = _Problems(file, lines, overridden)
+        applied.append(_Override(f"--output {output}", ("output",)))
+    return applied
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output: str | Path | None = None) -> Recipe:
+    """Read, override, validate and resolve one recipe file. Without ``name:`` the name is the
+    file's stem."""
+    path = Path(path)
+    file = str(path)
+    data, lines = parse_yaml(_read_text(path, file), file)
+    if not isinstance(data, dict):
+        raise RecipeError([RecipeProblem(file, 1, "", "a recipe is a YAML mapping (version, name, model, steps, ...)")])
+    applied = _apply_overrides(data, list(overrides), output)
+    default_name = path.stem if "name" not in data else None
+    if default_name is not None:
+        data["name"] = default_name
+    problems = _Problems(file, lines, applied, default_name)
     steps = _validate_steps(data.get("steps"), problems)
     candidate = dict(data, steps=steps or ([RtnConfig()] if problems.items else []))
     recipe = None

@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator
 
+from llmslim.recipe.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEED, MAX_SEQLEN
 from llmslim.recipe.steps import StepConfig
 
 __all__ = [
@@ -43,7 +44,7 @@ DATASET_KINDS = ("text", "jsonl", "builtin", "hf")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def parse_fraction(value: object) -> object:
@@ -74,26 +75,26 @@ class CalibrationConfig(Strict):
     """Text the calibrated steps (gptq, prune) see: random windows of tokens."""
 
     dataset: str
-    samples: int = Field(128, gt=0, description="number of windows")
-    seqlen: int = Field(2048, gt=0, description="tokens per window")
+    samples: int = Field(128, gt=0, le=MAX_SAMPLES, description="number of windows")
+    seqlen: int = Field(2048, gt=0, le=MAX_SEQLEN, description="tokens per window")
 
     _ds = field_validator("dataset")(_check_dataset)
 
 
 class PerplexityConfig(Strict):
     dataset: str
-    seqlen: int = Field(2048, gt=1)
-    batch_size: int = Field(1, gt=0)
-    max_windows: int | None = Field(None, gt=0, description="evaluate only the first N windows")
+    seqlen: int = Field(2048, gt=1, le=MAX_SEQLEN)
+    batch_size: int = Field(1, gt=0, le=MAX_COUNT)
+    max_windows: int | None = Field(None, gt=0, le=MAX_COUNT, description="evaluate only the first N windows")
 
     _ds = field_validator("dataset")(_check_dataset)
 
 
 class LatencyConfig(Strict):
-    prompt_tokens: int = Field(64, gt=0)
-    new_tokens: int = Field(32, gt=0)
-    repeats: int = Field(3, gt=0)
-    warmup: int = Field(1, ge=0)
+    prompt_tokens: int = Field(64, gt=0, le=MAX_SEQLEN)
+    new_tokens: int = Field(32, gt=0, le=MAX_SEQLEN)
+    repeats: int = Field(3, gt=0, le=MAX_COUNT)
+    warmup: int = Field(1, ge=0, le=MAX_COUNT)
 
 
 class EvaluateConfig(Strict):
@@ -121,8 +122,8 @@ class Recipe(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field(min_length=1)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
-    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,4})?)$")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="0 to 2**32 - 1")
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="allow loading .bin/.pt pickle weights")
     calibration: CalibrationConfig | None = None
