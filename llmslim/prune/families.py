@@ -1,13 +1,17 @@
 """What structured pruning needs to know about each supported model family:
 where the attention and MLP linears sit inside a decoder layer, and which
-config keys hold the sizes. One table entry per family, no torch."""
+config keys hold the sizes and the context length (``context_length``, also
+used by validation). One table entry per family, no torch."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Family", "FAMILIES", "ModelShape", "family_for", "model_shape", "unsupported_message"]
+__all__ = ["Family", "FAMILIES", "ModelShape", "family_for", "model_shape", "unsupported_message", "context_length"]
+
+# Where the context length sits in the configs of families not in FAMILIES, most common first.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Family:
     kv_heads_key: str | None = "num_key_value_heads"
     layers_key: str = "num_hidden_layers"
     intermediate_key: str = "intermediate_size"
+    context_key: str = "max_position_embeddings"  # the longest sequence the position embeddings cover
     heads_unsupported: str | None = None  # why heads cannot be removed in this family
     # transformers' LlamaConfig rejects hidden_size % num_attention_heads != 0 even with an explicit head_dim
     heads_divide_hidden: bool = False
@@ -55,7 +60,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(name="qwen2", model_types=("qwen2",), **LLAMA_LIKE),
     Family(name="gpt2", model_types=("gpt2",), attention="attn", q="c_attn", k="c_attn", v="c_attn", o="c_proj",
            mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", hidden_key="n_embd", heads_key="n_head", kv_heads_key=None,
-           layers_key="n_layer", intermediate_key="n_inner",
+           layers_key="n_layer", intermediate_key="n_inner", context_key="n_positions",
            heads_unsupported=_FIXED_HEAD_DIM.format(name="GPT-2", hidden="n_embd", heads="n_head")),
     Family(name="opt", model_types=("opt",), attention="self_attn", q="q_proj", k="k_proj", v="v_proj",
            o="out_proj", mlp_in=("fc1",), mlp_out="fc2", kv_heads_key=None, intermediate_key="ffn_dim",
@@ -65,6 +70,16 @@ FAMILIES: tuple[Family, ...] = (
 
 def family_for(model_type: str | None) -> Family | None:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def context_length(cfg: Mapping) -> tuple[int, str] | None:
+    """(the longest sequence the model takes, the config key holding it), or None when the config has none."""
+    family = family_for(cfg.get("model_type"))
+    for key in (family.context_key,) if family else CONTEXT_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
 
 
 def unsupported_message(model_type: str | None) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmslim.data import check_dataset, parse_dataset
+from llmslim.gguf import gguf_file_problem, is_gguf_ref
 from llmslim.recipe.model_checks import check_model_inputs
 from llmslim.recipe.output_checks import check_output_path
 from llmslim.recipe.quant_checks import check_quant_targets
@@ -54,8 +55,12 @@ def _cross_checks(recipe: Recipe, add: Callable) -> None:
 
 def _check_prune_targets(recipe: Recipe, model: str, add: Callable) -> None:
     """Pruning targets only the model's config can judge (whole GQA groups, sizes, the family), checked
-    when the model is a local folder; otherwise they are checked when the step runs."""
+    when the model is a local folder; otherwise they are checked when the step runs. A step whose targets
+    are all zero, or that rounds to no change on this model, is refused: it would only rewrite the model."""
     steps = [(i, step) for i, step in enumerate(recipe.steps) if step.STEP_NAME == "prune"]
+    zero = {i for i, s in steps if not any(getattr(t, "keep", t) for t in (s.heads, s.mlp, s.layers))}
+    for i in sorted(zero):
+        add(("steps", i, "prune"), "removes nothing (every target is 0); set heads, mlp or layers")
     config_file = Path(model) / "config.json"
     if not steps or not Path(model).is_absolute() or not config_file.is_file():
         return
@@ -68,17 +73,27 @@ def _check_prune_targets(recipe: Recipe, model: str, add: Callable) -> None:
 
     for i, step in steps:
         try:
-            plan_pruning(model_shape(config), step)
+            plan = plan_pruning(model_shape(config), step)
         except TargetError as exc:
             add(("steps", i, "prune", exc.field), str(exc))
         except ValueError as exc:
             add(("steps", i, "prune"), str(exc))
         except (KeyError, TypeError) as exc:
             add(("steps", i, "prune"), f"{config_file}: cannot read the model's sizes ({type(exc).__name__}: {exc})")
+        else:
+            if plan.noop and i not in zero:
+                why = "; ".join(plan.notes) or "the targets equal the model's sizes"
+                add(("steps", i, "prune"), f"removes nothing on this model ({why}); set heads, mlp or layers")
 
 
 def _resolve_model_ref(ref: str, base_dir: Path, loc: tuple, what: str, add: Callable) -> str:
     """A model folder made absolute and checked, or a hub id checked for form."""
+    if is_gguf_ref(ref):  # a GGUF file: local only, its header read (llmslim/gguf.py)
+        path = (base_dir / Path(ref).expanduser()).resolve()
+        why = gguf_file_problem(path, what)
+        if why:
+            add(loc, why)
+        return str(path)
     if looks_local(ref, base_dir):
         path = (base_dir / Path(ref).expanduser()).resolve()
         if not path.is_dir():
