@@ -77,7 +77,7 @@ def large_model_speed() -> list[dict]:
     for name, module in find_linears(model, ["lm_head"]).items():
         results[name] = (rtn_quantize_weight(linear_weight(module).float(), spec), None)
     install_quantized(model, results, gptq_config_dict(bits=4, group_size=128, sym=True, desc_act=False,
-                                                       true_sequential=False, damp=0.01, method="rtn"))
+                                                       method="rtn"))
     kernel = next(m.kernel for m in model.modules() if hasattr(m, "qweight"))
     rows.append({"model": rows[0]["model"], "weights": f"W4 g128 packed ({kernel})",
                  "decode_tok_s": round(decode_speed(model, 3, 64, 16), 2)})

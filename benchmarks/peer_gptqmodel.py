@@ -3,9 +3,11 @@
 
 Two jobs, chosen by the first argument:
 
-* ``load CKPT WINDOWS OUT``: load an llmslim GPTQ checkpoint with stock
-  ``transformers.AutoModelForCausalLM`` (GPTQ backend: optimum + gptqmodel),
-  write its logits on the first windows and its perplexity.
+* ``load CKPT WINDOWS OUT [BACKEND]``: load an llmslim GPTQ checkpoint with stock
+  ``transformers.AutoModelForCausalLM`` (GPTQ backend: optimum + gptqmodel;
+  ``BACKEND``, e.g. ``gptq_torch``, forces a gptqmodel kernel: its default
+  choice refuses partial groups), write its logits on the first windows and
+  its perplexity.
 * ``quantize MODEL CALIB WINDOWS BITS GROUP OUT``: quantize with GPTQModel on
   the same calibration windows, write wall time and perplexity.
 """
@@ -33,11 +35,15 @@ def ppl(model, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
-def load(ckpt: str, windows_path: str, out: str) -> None:
-    from transformers import AutoModelForCausalLM
+def load(ckpt: str, windows_path: str, out: str, backend: str = "") -> None:
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
     windows = torch.load(windows_path)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", dtype=torch.float16).eval()
+    extra = {}
+    if backend:
+        bits = json.load(open(f"{ckpt}/config.json"))["quantization_config"]["bits"]
+        extra["quantization_config"] = GPTQConfig(bits=bits, backend=backend)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", dtype=torch.float16, **extra).eval()
     kernels = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
     with torch.no_grad():
         logits = model(input_ids=windows[:2]).logits.float()

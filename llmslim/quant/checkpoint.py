@@ -12,29 +12,64 @@ from torch import nn
 
 from llmslim.errors import ModelLoadError
 
-__all__ = ["gptq_config_dict", "install_quantized", "write_quantize_config", "load_gptq_model"]
+__all__ = ["gptq_config_dict", "read_gptq_config", "install_quantized", "write_quantize_config",
+           "load_gptq_model"]
 
 
-def gptq_config_dict(*, bits: int, group_size: int, sym: bool, desc_act: bool, true_sequential: bool,
-                     damp: float, method: str) -> dict:
-    """The ``quantization_config`` that transformers, GPTQModel/optimum and vLLM read."""
+def gptq_config_dict(*, bits: int, group_size: int, sym: bool, desc_act: bool, method: str,
+                     true_sequential: bool | None = None, damp: float | None = None,
+                     static_groups: bool | None = None) -> dict:
+    """The ``quantization_config`` that transformers, GPTQModel/optimum and vLLM read.
+
+    The GPTQ-only fields (``true_sequential``, ``damp_percent``,
+    ``static_groups``) are written only when given: an RTN checkpoint has none.
+    """
     from llmslim import __version__
 
-    return {
-        "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group_size,
-        "desc_act": desc_act,
-        "sym": sym,
-        "true_sequential": true_sequential,
-        "damp_percent": damp,
-        "static_groups": False,
-        "format": "gptq",
-        "checkpoint_format": "gptq",
-        "pack_dtype": "int32",
-        "lm_head": False,
-        "meta": {"quantizer": [f"llmslim:{__version__}"], "method": method},
-    }
+    config: dict = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym}
+    for key, value in (("true_sequential", true_sequential), ("damp_percent", damp), ("static_groups", static_groups)):
+        if value is not None:
+            config[key] = value
+    config.update({"format": "gptq", "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+                   "meta": {"quantizer": [f"llmslim:{__version__}"], "method": method}})
+    return config
+
+
+CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}   # format name -> what the stored zero points lack
+
+
+def read_gptq_config(quant: dict, path: Path) -> tuple[dict, int]:
+    """Check a checkpoint's ``quantization_config`` before loading: ``(config, zero_offset)``.
+
+    ``quant_method`` must be ``gptq``, ``bits`` 2/3/4/8, ``group_size`` -1 or
+    positive, ``sym``/``desc_act`` booleans, ``pack_dtype`` int32, and the
+    format (``checkpoint_format``, else ``format``) ``gptq`` (v1: zeros stored
+    as zero - 1) or ``gptq_v2`` (raw zeros). Anything else is refused with a
+    ModelLoadError rather than unpacked wrongly.
+    """
+    from llmslim.quant.packing import PACKABLE_BITS
+
+    def refuse(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: cannot load this GPTQ checkpoint: {why}")
+
+    if quant.get("quant_method") != "gptq":
+        raise refuse(f"quant_method is {quant.get('quant_method')!r}, expected 'gptq'")
+    bits, group_size = quant.get("bits"), quant.get("group_size", -1)
+    if type(bits) is not int or bits not in PACKABLE_BITS:
+        raise refuse(f"bits is {bits!r}; llmslim reads {', '.join(map(str, PACKABLE_BITS))}")
+    if type(group_size) is not int or (group_size != -1 and group_size < 1):
+        raise refuse(f"group_size is {group_size!r}; expected -1 or a positive integer")
+    for key in ("sym", "desc_act"):
+        if not isinstance(quant.get(key, True if key == "sym" else False), bool):
+            raise refuse(f"{key} is {quant.get(key)!r}; expected true or false")
+    if quant.get("pack_dtype", "int32") != "int32":
+        raise refuse(f"pack_dtype is {quant.get('pack_dtype')!r}; llmslim reads int32 packing only")
+    fmt = quant.get("checkpoint_format") or quant.get("format") or "gptq"
+    if fmt not in CHECKPOINT_FORMATS:
+        raise refuse(f"checkpoint_format is {fmt!r}; llmslim reads {' and '.join(CHECKPOINT_FORMATS)} "
+                     f"(re-save it in the gptq format with GPTQModel)")
+    config = {**quant, "bits": bits, "group_size": group_size, "sym": quant.get("sym", True)}
+    return config, CHECKPOINT_FORMATS[fmt]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -95,7 +130,7 @@ def load_gptq_model(path: Path, dtype, *, trust_remote_code: bool = False) -> nn
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     quant = config.quantization_config
-    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    quant, zero_offset = read_gptq_config(quant if isinstance(quant, dict) else quant.to_dict(), path)
     del config.quantization_config
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype,
@@ -105,7 +140,8 @@ def load_gptq_model(path: Path, dtype, *, trust_remote_code: bool = False) -> nn
         parent, child = _parent(model, name)
         in_f, out_f = _shape(getattr(parent, child))
         setattr(parent, child, QuantLinear(in_f, out_f, quant["bits"], quant["group_size"], quant["sym"],
-                                           bias=f"{name}.bias" in state, dtype=model.dtype))
+                                           bias=f"{name}.bias" in state, dtype=model.dtype,
+                                           zero_offset=zero_offset))
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tied_head = getattr(config, "tie_word_embeddings", False)

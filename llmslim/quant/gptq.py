@@ -154,9 +154,11 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
         for i in range(count):
             j = i1 + i
             if dynamic is not None and j % gs == 0:
-                # the group lies inside this block, or starts it (see _effective_block)
-                current = W1[:, i:i + gs] if i + gs <= count else W[:, j:j + gs]
-                s, z = find_params(current, spec, dynamic[j:j + gs])
+                # the group (the last one may be partial) lies inside this block, or starts
+                # it (see _effective_block): read its current weights from the working copy
+                end = min(j + gs, k)
+                current = W1[:, i:end - i1] if end <= i2 else W[:, j:end]
+                s, z = find_params(current, spec, dynamic[j:end])
                 scales[j // gs], zeros[j // gs] = s[:, 0], z[:, 0]
             s, z = scales[col_group[j]], zeros[col_group[j]]            # [N]
             w, d = W1[:, i], Hinv1[i, i]
@@ -178,11 +180,12 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
 
     * ``act_order`` quantizes columns by decreasing ``diag(H)``. Without
       ``static_groups`` its groups are consecutive in that order, so ``g_idx``
-      is a non-monotonic map from input column to group (each group still has
-      exactly ``group_size`` members).
+      is a non-monotonic map from input column to group (each group has
+      ``group_size`` members, the last one fewer when the group size does not
+      divide ``K``).
     * ``static_groups`` computes every group's grid up front from the original
       ``W`` in natural column order, so ``g_idx[k] = k // group_size`` even
-      with ``act_order``.
+      with ``act_order``; a partial last group is the tail of the natural order.
     * ``damp`` is the dampening fraction of ``mean(diag H)`` added to the
       diagonal; it is raised automatically when the factorisation fails.
 

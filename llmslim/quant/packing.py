@@ -6,8 +6,8 @@ Per quantized linear (``K`` inputs, ``N`` outputs, ``G`` groups):
 ==========  =====  ====================  ======================================
 tensor      dtype  shape                 content
 ==========  =====  ====================  ======================================
-qweight     int32  [K·bits/32, N]        codes packed along the input dim K
-qzeros      int32  [G, N·bits/32]        ``zero - 1`` packed along the output dim
+qweight     int32  [⌈K·bits/32⌉, N]      codes packed along the input dim K
+qzeros      int32  [G, ⌈N·bits/32⌉]      ``zero - 1`` packed along the output dim
 scales      fp16   [G, N]                group scales
 g_idx       int32  [K]                   group of each input column
 bias        fp16   [N]                   only when the layer has one
@@ -18,6 +18,14 @@ Packing is a little-endian bit stream: value ``i`` of a run occupies bits
 index sits in the lowest bits. For 2, 4 and 8 bits a word holds ``32/bits``
 whole values; for 3 bits, 32 values fill 3 words and two values straddle a
 word boundary (the 10 | 1 | 10 | 1 | 10 layout of AutoGPTQ).
+
+**Widths that do not fill whole words** (K = 688 at 3 bits: 64.5 words; or
+K = 100 at 4 bits) are padded the way GPTQModel allocates and packs them: the
+bit stream continues, the last word is completed with zero bits, and the
+tensor has ``⌈K·bits/32⌉`` rows (65 for K = 688 at 3 bits). Readers take the
+first K values. GPTQModel's 3-bit unpacker reshapes ``qweight`` into whole
+3-word runs, so a 3-bit width that is not a multiple of 32 loads in llmslim
+but not there. G = ``⌈K / group_size⌉``: the last group may be partial.
 
 **v1 zero points.** The format stores ``zero - 1`` (masked to ``bits``) and
 readers add the 1 back: a symmetric 4-bit layer (zero 8) has every qzeros
@@ -35,7 +43,7 @@ import torch
 
 from llmslim.quant.quantizer import QuantizedWeight, QuantSpec
 
-__all__ = ["PACKABLE_BITS", "pack_rows", "unpack_rows", "pack_cols", "unpack_cols",
+__all__ = ["PACKABLE_BITS", "packed_length", "pack_rows", "unpack_rows", "pack_cols", "unpack_cols",
            "to_gptq_tensors", "from_gptq_tensors"]
 
 PACKABLE_BITS = (2, 3, 4, 8)
@@ -50,10 +58,10 @@ def _run(bits: int) -> tuple[int, int]:
     return values, values * bits // 32
 
 
-def _check_multiple(length: int, bits: int, what: str) -> None:
-    values, _ = _run(bits)
-    if length % values != 0:
-        raise ValueError(f"{what} = {length} must be a multiple of {values} to pack {bits}-bit values")
+def packed_length(length: int, bits: int) -> int:
+    """Words holding ``length`` values of ``bits`` bits: ``⌈length·bits/32⌉``."""
+    _run(bits)
+    return -(-length * bits // 32)
 
 
 def _pack_runs(v: torch.Tensor, bits: int) -> torch.Tensor:
@@ -94,49 +102,55 @@ def _unpack_runs(w: torch.Tensor, bits: int) -> torch.Tensor:
     return out.to(torch.int32)
 
 
-def _pack_dim0(x: torch.Tensor, bits: int, what: str) -> torch.Tensor:
-    """Pack ``x [L, M]`` along its first dim: ``[L·bits/32, M]`` int32."""
+def _pack_dim0(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``x [L, M]`` along its first dim: ``[⌈L·bits/32⌉, M]`` int32 (zero bits after the last value)."""
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D matrix to pack, got shape {tuple(x.shape)}")
     length, m = x.shape
-    _check_multiple(length, bits, what)
     values, words = _run(bits)
-    return _pack_runs(x.reshape(length // values, values, m), bits).reshape(length // values * words, m)
+    runs = -(-length // values)
+    padded = torch.zeros(runs * values, m, dtype=x.dtype, device=x.device)
+    padded[:length] = x
+    packed = _pack_runs(padded.reshape(runs, values, m), bits).reshape(runs * words, m)
+    return packed[:packed_length(length, bits)].contiguous()
 
 
 def _unpack_dim0(packed: torch.Tensor, bits: int, length: int, name: str, unit: str, dim: int) -> torch.Tensor:
     """Inverse of :func:`_pack_dim0` for ``packed`` whose dim ``dim`` holds the packed ``length`` values
     (transposed to the front here); returns ``[length, M]`` int32."""
-    _check_multiple(length, bits, f"{'K' if dim == 0 else 'N'} ({unit})")
     values, words = _run(bits)
-    if packed.dim() != 2 or packed.shape[dim] != length // values * words:
+    expected = packed_length(length, bits)
+    if packed.dim() != 2 or packed.shape[dim] != expected:
         raise ValueError(f"{name} of shape {tuple(packed.shape)} does not hold {length} {unit} of {bits}-bit "
-                         f"values (expected {length * bits // 32} packed {unit})")
+                         f"values (expected {expected} packed {unit})")
     front = packed if dim == 0 else packed.t()
     m = front.shape[1]
-    return _unpack_runs(front.reshape(length // values, words, m), bits).reshape(length, m)
+    runs = -(-length // values)
+    full = torch.zeros(runs * words, m, dtype=front.dtype, device=front.device)
+    full[:expected] = front
+    return _unpack_runs(full.reshape(runs, words, m), bits).reshape(runs * values, m)[:length]
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``codes [K, N]`` along K: ``[K·bits/32, N]`` int32 (the ``qweight`` layout)."""
-    return _pack_dim0(codes, bits, "K (rows)")
+    """Pack ``codes [K, N]`` along K: ``[⌈K·bits/32⌉, N]`` int32 (the ``qweight`` layout)."""
+    return _pack_dim0(codes, bits)
 
 
 def unpack_rows(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
-    """Unpack ``qweight [K·bits/32, N]`` into ``[K, N]`` int32 codes."""
+    """Unpack ``qweight [⌈K·bits/32⌉, N]`` into ``[K, N]`` int32 codes."""
     return _unpack_dim0(qweight, bits, K, "qweight", "rows", dim=0)
 
 
 def pack_cols(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``z [G, N]`` along N: ``[G, N·bits/32]`` int32 (the ``qzeros`` layout), i.e. the
+    """Pack ``z [G, N]`` along N: ``[G, ⌈N·bits/32⌉]`` int32 (the ``qzeros`` layout), i.e. the
     ``qweight`` packing of the transpose."""
     if z.dim() != 2:
         raise ValueError(f"pack_cols expects a [G, N] matrix, got shape {tuple(z.shape)}")
-    return _pack_dim0(z.t(), bits, "N (columns)").t().contiguous()
+    return _pack_dim0(z.t(), bits).t().contiguous()
 
 
 def unpack_cols(qzeros: torch.Tensor, bits: int, N: int) -> torch.Tensor:
-    """Unpack ``qzeros [G, N·bits/32]`` into ``[G, N]`` int32 values."""
+    """Unpack ``qzeros [G, ⌈N·bits/32⌉]`` into ``[G, N]`` int32 values."""
     return _unpack_dim0(qzeros, bits, N, "qzeros", "columns", dim=1).t().contiguous()
 
 
@@ -169,16 +183,18 @@ def to_gptq_tensors(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> di
 
 
 def from_gptq_tensors(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                      K: int, N: int) -> QuantizedWeight:
-    """Rebuild a :class:`QuantizedWeight` from GPTQ v1 tensors (adds the 1 back to the zeros).
+                      K: int, N: int, zero_offset: int = 1) -> QuantizedWeight:
+    """Rebuild a :class:`QuantizedWeight` from GPTQ tensors.
 
+    ``zero_offset`` is added to the stored zeros: 1 for the v1 format
+    (``checkpoint_format: gptq``), 0 for ``gptq_v2`` (raw zeros).
     ``g_idx`` defaults to ``k // group_size`` when absent.
     """
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
     codes = unpack_rows(tensors["qweight"], bits, K)                    # [K, N]
     if codes.shape[1] != N:
         raise ValueError(f"qweight has {codes.shape[1]} output columns, expected {N}")
-    zeros = unpack_cols(tensors["qzeros"], bits, N) + 1                 # [G, N]
+    zeros = unpack_cols(tensors["qzeros"], bits, N) + zero_offset       # [G, N]
     scales = tensors["scales"].to(torch.float32)
     if tuple(scales.shape) != tuple(zeros.shape):
         raise ValueError(f"scales {tuple(scales.shape)} and qzeros {tuple(zeros.shape)} disagree on [G, N]")

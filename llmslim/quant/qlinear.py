@@ -1,26 +1,39 @@
-"""A linear layer holding GPTQ v1 tensors, with real low-bit CPU kernels.
+"""A linear layer holding GPTQ tensors, with real low-bit CPU kernels.
 
 :class:`QuantLinear` keeps exactly the standard buffers ``qweight``,
 ``qzeros``, ``scales``, ``g_idx`` and ``bias`` (see :mod:`llmslim.quant.packing`),
 so a model's ``state_dict()`` is a GPTQ checkpoint. ``scales`` and ``bias``
-stay float16 even when the model is cast to another dtype.
+stay float16 even when the model is cast to another dtype. ``zero_offset`` is
+what the stored zeros lack: 1 in the v1 format (``zero - 1`` stored), 0 in
+``gptq_v2``.
 
-Forward paths (``QuantLinear.kernel`` says which one runs):
+Forward paths, chosen per layer and per activation dtype (``QuantLinear.kernel``
+says which one ran last):
 
-``"int4pack"``
-    4-bit on CPU through aten's tinygemm kernels
+``"int4pack"`` / ``"int4pack+pad"``
+    4-bit with **bfloat16 activations** on CPU through aten's tinygemm kernels
     (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``).
     Their conventions, found by experiment on torch 2.13:
 
     * the weight is an int32 ``[N, K]`` matrix of codes 0..15 (``innerKTiles``
       is ignored on CPU); it packs to uint8 ``[N, K/2]``; N must be a multiple of 16;
-    * ``qScaleAndZeros`` is ``[K/gs, N, 2]`` in the activation's dtype (float32,
-      bfloat16 or float16), and a weight is ``(code - 8) · scale + offset``:
-      a GPTQ zero point ``z`` becomes the float offset ``scale · (8 - z)``;
+    * ``qScaleAndZeros`` is ``[K/gs, N, 2]`` in the activation's dtype, and a
+      weight is ``(code - 8) · scale + offset``: a GPTQ zero point ``z``
+      becomes the float offset ``scale · (8 - z)``;
     * the kernel group size must be 32, 64, 128 or 256 and divide K; larger
       groups (and per-channel scales) are repeated into smaller kernel groups,
       which is exact;
-    * activations must be a contiguous 2-D matrix.
+    * with fp32 (or fp16) activations it runs about 70x slower than with bf16
+      (measured: a 576x576 layer at 64 tokens, 22 ms against 0.3 ms), so it is
+      used for bf16 activations only; other dtypes take the exact dequant path
+      instead of being rounded to bf16.
+
+    Widths the kernel cannot take are padded (``"int4pack+pad"``), which is
+    exact: K is padded to whole groups (a partial last group, or a
+    per-channel width that no kernel group size divides) with zero codes and
+    zero activations, and N to a multiple of 16 with zero scales, the padded
+    outputs being dropped. A group size that no kernel size divides (e.g. 48)
+    takes the dequant path.
 
     Act-order layers (non-monotonic ``g_idx``) are served by permuting the
     weight's columns once at preparation so each group is contiguous, and
@@ -32,12 +45,12 @@ Forward paths (``QuantLinear.kernel`` says which one runs):
     are shifted by 128; an asymmetric zero point adds ``Σx · scale · (128 - z)``.
 
 ``"dequant"``
-    Everything else (2/3-bit, other group layouts, CUDA): the weight is
-    dequantized on the fly in the activation dtype for each forward.
+    Everything else (2/3-bit, other group layouts, fp32/fp16 activations for
+    4-bit, CUDA): the weight is dequantized on the fly in the activation dtype
+    for each forward.
 
-The packed kernel weights are prepared on the first forward (or by
-:meth:`QuantLinear.prepare`) and kept in a plain attribute, outside the state
-dict; loading a state dict discards them.
+The packed kernel weights are prepared on first use and kept in a plain
+attribute, outside the state dict; loading a state dict discards them.
 """
 
 from __future__ import annotations
@@ -46,70 +59,96 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmslim.quant.packing import PACKABLE_BITS, _run, to_gptq_tensors, unpack_cols, unpack_rows
+from llmslim.quant.packing import PACKABLE_BITS, packed_length, to_gptq_tensors, unpack_cols, unpack_rows
 from llmslim.quant.quantizer import QuantizedWeight
 
-__all__ = ["QuantLinear", "KERNEL_INT4", "KERNEL_INT8", "KERNEL_DEQUANT"]
+__all__ = ["QuantLinear", "KERNEL_INT4", "KERNEL_INT4_PADDED", "KERNEL_INT8", "KERNEL_DEQUANT", "int4_geometry"]
 
 KERNEL_INT4 = "int4pack"
+KERNEL_INT4_PADDED = "int4pack+pad"
 KERNEL_INT8 = "int8pack"
 KERNEL_DEQUANT = "dequant"
 INT4_GROUP_SIZES = (256, 128, 64, 32)
+INT4_N_MULTIPLE = 16
+INT4_ACTIVATIONS = torch.bfloat16
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP16_BUFFERS = ("scales", "bias")
 
 
-def _group_layout(g_idx: torch.Tensor, groups: int, k: int) -> tuple[int, torch.Tensor | None] | None:
-    """``(gs, perm)`` when every group holds ``gs = K / G`` columns, else None.
+def _group_layout(g_idx: torch.Tensor, groups: int, k: int,
+                  group_size: int) -> tuple[int, torch.Tensor | None] | None:
+    """``(gs, perm)`` when the groups are runs of ``gs`` columns (the last one possibly
+    shorter) once sorted, else None (ragged groups).
 
-    ``perm`` (None when ``g_idx`` is already ``k // gs``) orders the columns
-    so that each group's columns become contiguous.
+    ``gs`` is the configured group size (capped at K), or ``⌈K / G⌉`` for a
+    checkpoint whose config disagrees with its tensors. ``perm`` (None when
+    ``g_idx`` is already ``k // gs``) orders the columns so that each group's
+    columns become contiguous.
     """
-    if groups < 1 or k % groups != 0:
+    if groups < 1:
         return None
-    gs = k // groups
-    expected = torch.arange(k, device=g_idx.device) // gs
     g = g_idx.long()
-    if torch.equal(g, expected):
-        return gs, None
     perm = torch.argsort(g, stable=True)
-    return (gs, perm) if torch.equal(g[perm], expected) else None
+    for gs in dict.fromkeys((k if group_size == -1 else min(group_size, k), -(-k // groups))):
+        if gs < 1 or -(-k // gs) != groups:
+            continue
+        expected = torch.arange(k, device=g_idx.device) // gs
+        if torch.equal(g, expected):
+            return gs, None
+        if torch.equal(g[perm], expected):
+            return gs, perm
+    return None
 
 
-def _int4_group(gs: int) -> int | None:
-    """The largest tinygemm group size dividing ``gs``."""
-    return next((size for size in INT4_GROUP_SIZES if gs % size == 0), None)
+def int4_geometry(k: int, n: int, gs: int, groups: int) -> tuple[int, int, int] | None:
+    """``(kernel_gs, k_pad, n_pad)`` for the int4 CPU kernel, or None when it cannot run the layer.
+
+    One group (per-channel): the kernel group size needing the least K
+    padding (the larger on a tie). Several groups: the largest kernel group
+    size dividing ``gs``, with K padded to ``groups · gs`` (a partial last
+    group becomes a whole one). N is padded to a multiple of 16.
+    """
+    if groups == 1:
+        kernel_gs = min(INT4_GROUP_SIZES, key=lambda size: ((-k) % size, -size))
+        k_pad = k + (-k) % kernel_gs
+    else:
+        kernel_gs = next((size for size in INT4_GROUP_SIZES if gs % size == 0), None)
+        if kernel_gs is None:
+            return None
+        k_pad = groups * gs
+    return kernel_gs, k_pad, n + (-n) % INT4_N_MULTIPLE
 
 
 class QuantLinear(nn.Module):
-    """``y = x Wᵀ + b`` with ``W`` stored in the GPTQ v1 format.
+    """``y = x Wᵀ + b`` with ``W`` stored in the GPTQ format.
 
-    ``dtype`` is the layer's activation dtype: :meth:`prepare` readies the
-    kernel for it; other activation dtypes are prepared on first use.
+    ``dtype`` is the layer's activation dtype (the model's): :attr:`kernel`
+    reports the path for it until a forward has run.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
-                 bias: bool, dtype: torch.dtype = torch.float16):
+                 bias: bool, dtype: torch.dtype = torch.float16, zero_offset: int = 1):
         super().__init__()
         if bits not in PACKABLE_BITS:
             raise ValueError(f"QuantLinear supports {PACKABLE_BITS} bits, got {bits}")
-        values, words = _run(bits)
-        for what, size in (("in_features", in_features), ("out_features", out_features)):
-            if size < 1 or size % values != 0:
-                raise ValueError(f"{what} = {size} must be a positive multiple of {values} for {bits}-bit packing")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         if group_size != -1 and group_size < 1:
             raise ValueError(f"group_size must be -1 or positive, got {group_size}")
+        if zero_offset not in (0, 1):
+            raise ValueError(f"zero_offset must be 1 (GPTQ v1) or 0 (gptq_v2), got {zero_offset}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym, self.dtype = bits, group_size, sym, dtype
-        groups = 1 if group_size == -1 else -(-in_features // group_size)
-        gs = in_features if group_size == -1 else group_size
-        self.register_buffer("qweight", torch.zeros(in_features // values * words, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(groups, out_features // values * words, dtype=torch.int32))
+        self.zero_offset = zero_offset
+        gs = in_features if group_size == -1 else min(group_size, in_features)
+        groups = -(-in_features // gs)
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features,
+                                                    dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", (torch.arange(in_features) // gs).to(torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
-        self._plan: dict | None = None       # kernel choice, from the buffers' values
-        self._prepared: dict | None = None   # forward-path tensors, on the layer's device
+        self.reset_kernel()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -153,13 +192,15 @@ class QuantLinear(nn.Module):
 
     def reset_kernel(self) -> None:
         """Forget the prepared kernel tensors (call after changing the buffers in place)."""
-        self._plan = self._prepared = None
+        self._layout: tuple | None = None            # (gs, perm) or (None, None), from g_idx
+        self._prepared: dict[str, dict] = {}         # kernel -> its tensors, on the layer's device
+        self._last: tuple[str, torch.dtype] | None = None   # (kernel, activation dtype) of the last forward
 
     # -- weights --------------------------------------------------------------------------------
     def _codes_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes ``[K, N]`` and raw zero points ``[G, N]`` (the v1 ``zero - 1`` plus one), int32."""
+        """Codes ``[K, N]`` and raw zero points ``[G, N]`` (the stored zeros plus ``zero_offset``), int32."""
         codes = unpack_rows(self.qweight, self.bits, self.in_features)
-        zeros = unpack_cols(self.qzeros, self.bits, self.out_features) + 1
+        zeros = unpack_cols(self.qzeros, self.bits, self.out_features) + self.zero_offset
         return codes, zeros
 
     def dequantize_weight(self) -> torch.Tensor:
@@ -170,118 +211,123 @@ class QuantLinear(nn.Module):
         return w.t()
 
     # -- kernels --------------------------------------------------------------------------------
-    def _kernel_plan(self) -> dict:
-        """The forward path on CPU: ``{"kernel", "gs", "perm", "kernel_gs", "device"}``.
+    def _group_plan(self) -> tuple[int | None, torch.Tensor | None]:
+        if self._layout is None:
+            layout = _group_layout(self.g_idx, self.scales.shape[0], self.in_features, self.group_size)
+            self._layout = layout if layout is not None else (None, None)
+        return self._layout
 
-        ``gs``/``perm`` describe equal-sized groups (None when ``g_idx`` is ragged).
-        """
-        if self._plan is None or self._plan["device"] != self.g_idx.device:
-            layout = _group_layout(self.g_idx, self.scales.shape[0], self.in_features)
-            gs, perm = layout if layout is not None else (None, None)
-            plan = {"kernel": KERNEL_DEQUANT, "gs": gs, "perm": perm, "kernel_gs": None,
-                    "device": self.g_idx.device}
-            if layout is not None and self.bits == 4 and self.out_features % 16 == 0 and _int4_group(gs):
-                plan.update(kernel=KERNEL_INT4, kernel_gs=_int4_group(gs))
-            elif layout is not None and self.bits == 8 and self.scales.shape[0] == 1:
-                plan.update(kernel=KERNEL_INT8)
-            self._plan = plan
-        return self._plan
+    def kernel_for(self, dtype: torch.dtype) -> str:
+        """The forward path for activations of ``dtype`` on the layer's device."""
+        gs, _ = self._group_plan()
+        if self.qweight.device.type != "cpu" or gs is None:
+            return KERNEL_DEQUANT
+        groups = self.scales.shape[0]
+        if self.bits == 4 and dtype == INT4_ACTIVATIONS:
+            geometry = int4_geometry(self.in_features, self.out_features, gs, groups)
+            if geometry is not None:
+                _, k_pad, n_pad = geometry
+                padded = (k_pad, n_pad) != (self.in_features, self.out_features)
+                return KERNEL_INT4_PADDED if padded else KERNEL_INT4
+        if self.bits == 8 and groups == 1:
+            return KERNEL_INT8
+        return KERNEL_DEQUANT
 
     @property
     def kernel(self) -> str:
-        """The forward path for inputs on the layer's device: ``"int4pack"``, ``"int8pack"`` or ``"dequant"``."""
-        if self.qweight.device.type != "cpu":
-            return KERNEL_DEQUANT
-        return self._kernel_plan()["kernel"]
+        """The path the last forward took; before any forward, the one for the layer's ``dtype``."""
+        return self._last[0] if self._last is not None else self.kernel_for(self.dtype)
 
-    def prepare(self, dtype: torch.dtype | None = None) -> QuantLinear:
-        """Unpack/repack the weight for the forward path (once per device) and ready it for ``dtype``."""
-        dtype = dtype or self.dtype
-        dtype = dtype if dtype in KERNEL_DTYPES else torch.float32
-        if self._prepared is None or self._prepared["device"] != self.qweight.device:
-            self._prepared = self._pack_for_kernel(self._kernel_plan(), self.kernel)
-            self._prepared["device"] = self.qweight.device
-        per_dtype = self._prepared["per_dtype"]
-        if dtype not in per_dtype:
-            per_dtype[dtype] = {name: t.to(dtype).contiguous() for name, t in self._prepared["fp32"].items()}
-        return self
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype the last forward computed in (the layer's ``dtype`` before any forward)."""
+        return self._last[1] if self._last is not None else self.dtype
+
+    def _tensors(self, kernel: str) -> dict:
+        """The prepared tensors of ``kernel`` (built once per device)."""
+        if kernel not in self._prepared:
+            self._prepared[kernel] = self._pack_for_kernel(kernel)
+        return self._prepared[kernel]
 
     @torch.no_grad()
-    def _pack_for_kernel(self, plan: dict, kernel: str) -> dict:
-        """The weight as the forward path wants it, and float32 scale tensors (cast per dtype later).
+    def _pack_for_kernel(self, kernel: str) -> dict:
+        """The weight as the forward path wants it, with float32 scale tensors (cast per dtype later).
 
         The dequant path keeps the unpacked codes (uint8 ``[N, K]``, one byte per weight)
         so that each forward only rescales them.
         """
+        gs, perm = self._group_plan()
         codes, zeros = self._codes_and_zeros()                             # [K, N], [G, N]
         scales = self.scales.float()                                       # [G, N]
-        if plan["perm"] is not None:
-            codes = codes[plan["perm"]]
-        if kernel == KERNEL_INT4:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 2)  # [N, K/2]
+        if perm is not None:
+            codes = codes[perm]
+        if kernel in (KERNEL_INT4, KERNEL_INT4_PADDED):
+            k, n = codes.shape
+            kernel_gs, k_pad, n_pad = int4_geometry(k, n, gs, scales.shape[0])
+            codes = F.pad(codes, (0, n_pad - n, 0, k_pad - k))           # zero codes: x is zero there
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 2)  # [Np, Kp/2]
             offsets = scales * (8 - zeros).float()                         # (q-8)·s + s·(8-z) = s·(q-z)
-            pairs = torch.stack([scales, offsets], dim=-1)                 # [G, N, 2]
-            pairs = pairs.repeat_interleave(plan["gs"] // plan["kernel_gs"], dim=0)  # [K/kernel_gs, N, 2]
-            return {"weight": packed, "fp32": {"scales_and_zeros": pairs.contiguous()}, "per_dtype": {}}
+            pairs = F.pad(torch.stack([scales, offsets], dim=-1), (0, 0, 0, n_pad - n))   # [G, Np, 2]
+            pairs = pairs.repeat_interleave(k_pad // scales.shape[0] // kernel_gs, dim=0)  # [Kp/kernel_gs, Np, 2]
+            return {"weight": packed, "kernel_gs": kernel_gs, "k_pad": k_pad, "perm": perm,
+                    "fp32": {"scales_and_zeros": pairs.contiguous()}, "per_dtype": {}}
         if kernel == KERNEL_INT8:
             weight = (codes.t() - 128).to(torch.int8).contiguous()        # [N, K]
             offsets = scales[0] * (128 - zeros[0]).float()                 # [N]
             fp32 = {"scales": scales[0].contiguous()}
             if bool((offsets != 0).any()):
                 fp32["offsets"] = offsets
-            return {"weight": weight, "fp32": fp32, "per_dtype": {}}
+            return {"weight": weight, "perm": perm, "fp32": fp32, "per_dtype": {}}
         return {"weight": codes.t().to(torch.uint8).contiguous(), "zeros": zeros.t().float().contiguous(),
-                "fp32": {}, "per_dtype": {}}                              # [N, K], [N, G]
+                "gs": gs, "perm": perm, "fp32": {}, "per_dtype": {}}      # [N, K], [N, G]
 
-    def _kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [M, K]`` (CPU) times the packed weight: ``[M, N]`` in the kernel's dtype."""
-        plan = self._kernel_plan()
-        if plan["kernel"] == KERNEL_INT4:
-            # torch's CPU int4 kernel is fast only with bf16 activations (measured: with fp32 or
-            # fp16 inputs a 2048x2048 layer at 256 tokens ran ~60x slower than with bf16).
-            dtype = torch.bfloat16
-        else:
-            dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
-        self.prepare(dtype)
-        tensors = self._prepared["per_dtype"][dtype]
-        x = x.to(dtype)
-        if plan["perm"] is not None:
-            x = x.index_select(1, plan["perm"])
-        x = x.contiguous()
-        if plan["kernel"] == KERNEL_INT4:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._prepared["weight"], plan["kernel_gs"],
-                                                              tensors["scales_and_zeros"])
-        y = torch.ops.aten._weight_int8pack_mm(x, self._prepared["weight"], tensors["scales"])
-        if "offsets" in tensors:
-            y = (y.float() + x.float().sum(1, keepdim=True) * self._prepared["fp32"]["offsets"]).to(dtype)
-        return y
+    @staticmethod
+    def _cast(tensors: dict, dtype: torch.dtype) -> dict:
+        per_dtype = tensors["per_dtype"]
+        if dtype not in per_dtype:
+            per_dtype[dtype] = {name: t.to(dtype).contiguous() for name, t in tensors["fp32"].items()}
+        return per_dtype[dtype]
+
+    def _packed_matmul(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """``x [M, K]`` (CPU, a kernel dtype) times the packed weight: ``[M, N]`` in ``x``'s dtype."""
+        tensors = self._tensors(kernel)
+        scaled = self._cast(tensors, x.dtype)
+        if tensors["perm"] is not None:
+            x = x.index_select(1, tensors["perm"])
+        if kernel == KERNEL_INT8:
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), tensors["weight"], scaled["scales"])
+            if "offsets" in scaled:
+                y = (y.float() + x.float().sum(1, keepdim=True) * tensors["fp32"]["offsets"]).to(x.dtype)
+            return y
+        x = F.pad(x, (0, tensors["k_pad"] - self.in_features)).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, tensors["weight"], tensors["kernel_gs"],
+                                                       scaled["scales_and_zeros"])
+        return y[:, :self.out_features]
 
     def _dequant_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K]`` times the weight rebuilt from the cached codes, in ``x``'s dtype."""
-        self.prepare()
-        plan, codes = self._kernel_plan(), self._prepared["weight"]        # [N, K] uint8
-        scales, zeros = self.scales.float().t(), self._prepared["zeros"]   # [N, G]
+        tensors = self._tensors(KERNEL_DEQUANT)
+        codes, zeros, gs = tensors["weight"], tensors["zeros"], tensors["gs"]   # [N, K] uint8, [N, G]
+        scales = self.scales.float().t()                                   # [N, G]
         n, k = codes.shape
-        if plan["gs"] is not None:                                         # equal groups, contiguous after perm
-            g = scales.shape[1]
-            w = (codes.view(n, g, -1).float() - zeros.unsqueeze(2)) * scales.unsqueeze(2)
-            w = w.view(n, k)
-            if plan["perm"] is not None:
-                x = x.index_select(1, plan["perm"].to(x.device))
+        if gs is not None:                                                 # runs of gs, contiguous after perm
+            idx = torch.arange(k, device=codes.device) // gs
+            if tensors["perm"] is not None:
+                x = x.index_select(1, tensors["perm"].to(x.device))
         else:                                                              # ragged groups: gather per column
             idx = self.g_idx.long()
-            w = (codes.float() - zeros[:, idx]) * scales[:, idx]
+        w = (codes.float() - zeros[:, idx]) * scales[:, idx]
         return F.linear(x, w.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)                               # [M, K]
-        if self.kernel != KERNEL_DEQUANT:                                  # the layer is on the CPU
-            y = self._kernel_matmul(x2)
-        else:
-            y = self._dequant_matmul(x2)
+        dtype = x.dtype if x.dtype in KERNEL_DTYPES else torch.float32
+        x2 = x.reshape(-1, self.in_features).to(dtype)                    # [M, K]
+        kernel = self.kernel_for(dtype)
+        y = self._dequant_matmul(x2) if kernel == KERNEL_DEQUANT else self._packed_matmul(x2, kernel)
+        self._last = (kernel, dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*lead, self.out_features)

@@ -63,13 +63,16 @@ class QuantSpec:
     def groups_for(self, columns: int) -> tuple[int, int]:
         """``(group_size, n_groups)`` for a matrix with ``columns`` input columns.
 
-        Raises ValueError when the group size does not divide ``columns``.
+        Groups are consecutive runs of ``group_size`` columns; when the group
+        size does not divide ``columns`` the last group is partial (the
+        standard GPTQ layout: ``g_idx[k] = k // group_size``, ``ceil(columns /
+        group_size)`` groups). A group size of at least ``columns`` (and -1)
+        gives one group of all the columns.
         """
-        gs = columns if self.group_size == -1 else self.group_size
-        if columns < 1 or columns % gs != 0:
-            raise ValueError(f"group_size {self.group_size} does not divide the {columns} input columns; "
-                             f"use a group size that divides {columns}, or -1 (per output channel)")
-        return gs, columns // gs
+        if columns < 1:
+            raise ValueError(f"a weight needs at least one input column, got {columns}")
+        gs = columns if self.group_size == -1 else min(self.group_size, columns)
+        return gs, -(-columns // gs)
 
 
 def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
@@ -147,13 +150,26 @@ def find_params(w: torch.Tensor, spec: QuantSpec,
 def group_params(w: torch.Tensor, spec: QuantSpec,
                  importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grids of the natural groups (consecutive ``group_size`` columns) of ``w [N, K]``:
-    ``(scales [G, N], zeros [G, N])``; ``importance`` ``[K]`` as in :func:`find_params`."""
+    ``(scales [G, N], zeros [G, N])``; ``importance`` ``[K]`` as in :func:`find_params`.
+
+    A partial last group (``K`` not a multiple of the group size) gets its own
+    grid from its own columns, searched exactly like the full groups.
+    """
     n, k = w.shape
     gs, groups = spec.groups_for(k)
-    if importance is not None:
-        importance = importance.reshape(1, groups, gs).expand(n, -1, -1).reshape(n * groups, gs)
-    scale, zero = find_params(w.reshape(n * groups, gs), spec, importance)       # [N*G, 1], rows (n, g)
-    return scale.reshape(n, groups).t().contiguous(), zero.reshape(n, groups).t().contiguous()
+    full = k // gs
+    scales, zeros = [], []
+    if full:
+        imp = None if importance is None else \
+            importance[:full * gs].reshape(1, full, gs).expand(n, -1, -1).reshape(n * full, gs)
+        s, z = find_params(w[:, :full * gs].reshape(n * full, gs), spec, imp)       # [N*F, 1], rows (n, g)
+        scales.append(s.reshape(n, full).t())
+        zeros.append(z.reshape(n, full).t())
+    if full < groups:                                                            # the partial last group
+        s, z = find_params(w[:, full * gs:], spec, None if importance is None else importance[full * gs:])
+        scales.append(s.t())
+        zeros.append(z.t())
+    return torch.cat(scales).contiguous(), torch.cat(zeros).contiguous()
 
 
 @dataclass
@@ -191,21 +207,23 @@ def rtn_quantize_weight(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """Group-wise round-to-nearest quantization of ``W [N, K]``.
 
     Groups are consecutive runs of ``spec.group_size`` columns (``g_idx[k] =
-    k // group_size``); -1 gives one group. The group size must divide ``K``.
+    k // group_size``), the last one partial when the group size does not
+    divide ``K``; -1 gives one group.
     """
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(W.shape)}")
     n, k = W.shape
-    gs, groups = spec.groups_for(k)
+    gs, _ = spec.groups_for(k)
     w = W.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("the weight contains NaN or infinite values")
     scales, zeros = group_params(w, spec)                      # [G, N]
-    codes = quantize(w.reshape(n, groups, gs), scales.t().unsqueeze(-1), zeros.t().unsqueeze(-1), spec.maxq)
+    g_idx = torch.arange(k, device=w.device) // gs             # [K]
+    codes = quantize(w, scales[g_idx].t(), zeros[g_idx].t(), spec.maxq)
     return QuantizedWeight(
-        codes=codes.reshape(n, k).to(torch.uint8),
+        codes=codes.to(torch.uint8),
         scales=scales,
         zeros=zeros.to(torch.int32),
-        g_idx=(torch.arange(k, device=w.device) // gs).to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
         spec=spec,
     )

@@ -11,6 +11,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llmslim.recipe.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEQLEN, MAX_TOKENS
+
 __all__ = ["StepConfig", "RtnConfig", "GptqConfig", "PruneConfig", "KeepCount", "DistillConfig", "STEP_CONFIGS"]
 
 DEFAULT_IGNORE = ["lm_head"]
@@ -20,7 +22,7 @@ PACKABLE_BITS = (2, 3, 4, 8)
 class StepConfig(BaseModel):
     """Base of every step's options. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     STEP_NAME: ClassVar[str] = ""
     NEEDS_CALIBRATION: ClassVar[bool] = False
 
@@ -31,9 +33,16 @@ class StepConfig(BaseModel):
 
 
 def _check_group_size(value: int) -> int:
+    """-1 or at least 8. It need not divide the layer widths: the last group of a layer is then partial
+    (the standard GPTQ layout), and a group size above a width makes that layer per-channel."""
     if value == -1 or value >= 8:
         return value
     raise ValueError("must be -1 (one group per output channel) or a group size of at least 8")
+
+
+GPTQ_LOADERS = Literal["llmslim", "transformers", "vllm-marlin", "vllm-cpu"]
+_LOADERS_HELP = ("loaders that must run the packed checkpoint; validation refuses settings or widths they "
+                 "cannot take (llmslim/recipe/quant_checks.py)")
 
 
 class RtnConfig(StepConfig):
@@ -54,7 +63,8 @@ class RtnConfig(StepConfig):
     STEP_NAME: ClassVar[str] = "rtn"
 
     bits: int = Field(4, ge=2, le=8, description="bits per weight, 2 to 8")
-    group_size: int = Field(128, description="columns sharing a scale; -1 = per output channel")
+    group_size: int = Field(128, description="columns sharing a scale (a partial last group where it does not "
+                            "divide a width); -1 = per output channel")
     sym: bool = Field(True, description="symmetric grid around zero")
     scale_search: Literal["minmax", "mse"] = Field(
         "minmax", description="minmax range, or search the clipping ratio minimising the error"
@@ -66,6 +76,7 @@ class RtnConfig(StepConfig):
     format: Literal["gptq", "dense"] = Field(
         "gptq", description="gptq: packed low-bit checkpoint; dense: quantize-dequantize, plain checkpoint"
     )
+    loaders: list[GPTQ_LOADERS] = Field(default_factory=list, description=_LOADERS_HELP)
 
     _group = field_validator("group_size")(_check_group_size)
 
@@ -101,7 +112,8 @@ class GptqConfig(StepConfig):
     NEEDS_CALIBRATION: ClassVar[bool] = True
 
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
-    group_size: int = Field(128, description="columns sharing a scale; -1 = per output channel")
+    group_size: int = Field(128, description="columns sharing a scale (a partial last group where it does not "
+                            "divide a width); -1 = per output channel")
     sym: bool = True
     act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal")
     static_groups: bool | None = Field(
@@ -115,6 +127,7 @@ class GptqConfig(StepConfig):
     format: Literal["gptq", "dense"] = Field(
         "gptq", description="gptq: packed low-bit checkpoint; dense: quantize-dequantize, plain checkpoint"
     )
+    loaders: list[GPTQ_LOADERS] = Field(default_factory=list, description=_LOADERS_HELP)
 
     _group = field_validator("group_size")(_check_group_size)
 
@@ -126,9 +139,9 @@ class GptqConfig(StepConfig):
 class KeepCount(BaseModel):
     """An absolute size to keep, written ``{keep: N}``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    keep: int = Field(gt=0, strict=True)
+    keep: int = Field(gt=0, le=MAX_COUNT, strict=True)
 
 
 _TARGET_HELP = "a fraction to remove in [0, 1), such as 0.25, or an absolute size to keep, such as {keep: 6}"
@@ -195,11 +208,11 @@ class PruneConfig(StepConfig):
 
     heads: float | KeepCount = Field(0.0, description="attention heads removed per layer: fraction or {keep: N}")
     mlp: float | KeepCount = Field(0.0, description="MLP intermediate channels removed: fraction or {keep: N}")
-    layers: int | float = Field(0, description="decoder layers removed: a count or a fraction")
+    layers: int | float = Field(0, le=MAX_COUNT, description="decoder layers removed: a count or a fraction")
     importance: Literal["activation", "magnitude", "taylor"] = Field(
         "activation", description="activation: calibration activations; magnitude: weight norms; "
         "taylor: |w * dL/dw| on calibration batches")
-    round_to: int = Field(8, ge=1, strict=True, description="kept MLP sizes are multiples of this")
+    round_to: int = Field(8, ge=1, le=MAX_SEQLEN, strict=True, description="kept MLP sizes are multiples of this")
 
     _width = field_validator("heads", "mlp", mode="before")(_width_target)
     _depth = field_validator("layers", mode="before")(_layers_target)
@@ -286,10 +299,10 @@ class DistillConfig(StepConfig):
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the teacher (default: the recipe's dtype)")
     dataset: str = Field(description="training text: text:PATH, jsonl:PATH#field, builtin:NAME, hf:ID[:config]:split")
-    tokens: int = Field(1_000_000, gt=0, description="training budget in tokens (steps x batch_size x seqlen)")
-    seqlen: int = Field(256, ge=2, description="tokens per training window")
-    batch_size: int = Field(16, gt=0, description="windows per optimizer step, all ranks together")
-    micro_batch_size: int | None = Field(None, gt=0, description="windows per forward pass (default: all of a "
+    tokens: int = Field(1_000_000, gt=0, le=MAX_TOKENS, description="training budget in tokens (steps x batch_size x seqlen)")
+    seqlen: int = Field(256, ge=2, le=MAX_SEQLEN, description="tokens per training window")
+    batch_size: int = Field(16, gt=0, le=MAX_SAMPLES, description="windows per optimizer step, all ranks together")
+    micro_batch_size: int | None = Field(None, gt=0, le=MAX_SAMPLES, description="windows per forward pass (default: all of a "
                                          "rank's share of the batch); the rest is gradient accumulation")
     lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps with a linear warm-up")
@@ -299,10 +312,10 @@ class DistillConfig(StepConfig):
     temperature: float = Field(2.0, gt=0, description="softens both distributions of the KL terms (scaled by T^2)")
     hidden_states: float = Field(0.0, ge=0, description="weight of 1 - cosine between student and teacher hidden "
                                  "states (same width needed)")
-    eval_every: int = Field(200, ge=0, description="steps between evaluations; 0 = only before and after")
+    eval_every: int = Field(200, ge=0, le=MAX_COUNT, description="steps between evaluations; 0 = only before and after")
     eval_dataset: str | None = Field(None, description="evaluation text (default: a held-out slice of `dataset`)")
-    eval_windows: int = Field(32, gt=0, description="at most this many evaluation windows of seqlen tokens")
-    checkpoint_every: int = Field(100, gt=0, description="steps between resumable checkpoints")
+    eval_windows: int = Field(32, gt=0, le=MAX_SAMPLES, description="at most this many evaluation windows of seqlen tokens")
+    checkpoint_every: int = Field(100, gt=0, le=MAX_COUNT, description="steps between resumable checkpoints")
     grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     autocast: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast on CUDA devices that support it; bf16: always; off: never")

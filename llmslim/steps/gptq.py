@@ -16,7 +16,17 @@ from llmslim.quant import accumulate_hessian, gptq_quantize_weight, make_empty_h
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
-__all__ = ["apply_gptq", "GPTQCompressor", "relative_output_error"]
+__all__ = ["apply_gptq", "GPTQCompressor", "relative_output_error", "with_kernels"]
+
+
+def with_kernels(model: nn.Module, stats: list[dict]) -> list[dict]:
+    """Per-layer statistics with the forward path each packed linear takes in the model's dtype
+    (``kernel``: int4pack, int4pack+pad, int8pack or dequant); unchanged for ``format: dense``."""
+    out = []
+    for row in stats:
+        module = model.get_submodule(row["module"]) if "module" in row else None
+        out.append({**row, "kernel": module.kernel} if hasattr(module, "qweight") else row)
+    return out
 
 
 def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -101,5 +111,6 @@ def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
                "calibration_seconds": round(time.perf_counter() - start, 3),
                "phase_seconds": times.summary()}
     install_if_packed(model, compressor.results, config, desc_act=config.act_order and not config.use_static_groups,
-                      true_sequential=config.true_sequential, damp=config.damp, method="gptq")
-    return StepOutcome(changed=changed, layers=stats)
+                      true_sequential=config.true_sequential, damp=config.damp,
+                      static_groups=config.use_static_groups, method="gptq")
+    return StepOutcome(changed=changed, layers=with_kernels(model, stats))

@@ -22,12 +22,14 @@ def bias_copy(module: nn.Module) -> torch.Tensor | None:
     return module.bias.detach().clone() if module.bias is not None else None
 
 
-def install_if_packed(model: nn.Module, results: dict, config, *, desc_act: bool, true_sequential: bool,
-                      damp: float, method: str) -> None:
+def install_if_packed(model: nn.Module, results: dict, config, *, desc_act: bool, method: str,
+                      true_sequential: bool | None = None, damp: float | None = None,
+                      static_groups: bool | None = None) -> None:
     """Replace the quantized linears by packed ones (``format: gptq``); ``format: dense`` keeps the
-    quantize-dequantized weights already in the model."""
+    quantize-dequantized weights already in the model. The GPTQ-only fields are written when given."""
     if config.format != "gptq":
         return
     qcfg = gptq_config_dict(bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=desc_act,
-                            true_sequential=true_sequential, damp=damp, method=method)
+                            true_sequential=true_sequential, damp=damp, static_groups=static_groups,
+                            method=method)
     install_quantized(model, results, qcfg)

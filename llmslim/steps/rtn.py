@@ -8,6 +8,7 @@ from llmslim.errors import StepError
 from llmslim.modeling import decoder_layers, find_linears, layer_prefix, linear_weight, set_linear_weight
 from llmslim.quant import rtn_quantize_weight
 from llmslim.steps.base import StepOutcome
+from llmslim.steps.gptq import with_kernels
 from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
 __all__ = ["apply_rtn"]
@@ -38,5 +39,5 @@ def apply_rtn(model, config, ctx):
         raise StepError("rtn", f"no linear layer matched in the decoder layers (ignore={config.ignore})")
     changed = {"modules_quantized": count, "weights_quantized": weights, "bits": spec.bits,
                "group_size": spec.group_size, "format": config.format}
-    install_if_packed(model, results, config, desc_act=False, true_sequential=False, damp=0.01, method="rtn")
-    return StepOutcome(changed=changed, layers=stats)
+    install_if_packed(model, results, config, desc_act=False, method="rtn")   # no GPTQ-only fields
+    return StepOutcome(changed=changed, layers=with_kernels(model, stats))
