@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 from llmslim.report import Metrics, Report
+
+NOISY_SPREAD = 0.2  # = llmslim.evaluate.latency.NOISY_SPREAD (not imported: that pulls in torch)
 
 __all__ = ["metrics_table", "report_tables", "compare_table", "summary_table", "plan_table"]
 
@@ -15,11 +18,15 @@ _ROWS = [
     ("bits/parameter", "bits_per_parameter", "{:.2f}"),
     ("peak memory (MB)", "peak_memory_bytes", "mb"),
     ("prefill tok/s (median)", "prefill_tokens_per_s", "{:.1f}"),
+    ("prefill spread", "prefill_tokens_per_s_spread", "spread"),
     ("decode tok/s (median)", "decode_tokens_per_s", "{:.1f}"),
     ("decode tok/s (p90)", "decode_tokens_per_s_p90", "{:.1f}"),
+    ("decode spread", "decode_tokens_per_s_spread", "spread"),
     ("energy J/token", "energy_j_per_token", "{:.4g}"),
     ("linear kernel", "linear_kernel", "{}"),
 ]
+_NO_DELTA = {"linear_kernel", "prefill_tokens_per_s_spread", "decode_tokens_per_s_spread"}
+_NOISY_NOTE = f"timings noisy: spread > {NOISY_SPREAD:.0%}; rerun on a quiet machine"
 
 
 def _fmt(value, spec: str) -> str:
@@ -27,6 +34,8 @@ def _fmt(value, spec: str) -> str:
         return "-"
     if spec == "mb":
         return f"{value / 1e6:,.2f}"
+    if spec == "spread":  # (p90 - p10) / median of the per-run times
+        return f"{value:.0%}" + (" !" if value > NOISY_SPREAD else "")
     return spec.format(value)
 
 
@@ -36,34 +45,89 @@ def _delta(base, new) -> str:
     return f"{(new / base - 1) * 100:+.1f}%"
 
 
-def metrics_table(columns: dict[str, Metrics | None], title: str = "") -> Table:
-    table = Table(title=title or None)
+def _cell(metrics: Metrics | None, key: str, spec: str) -> str:
+    value = getattr(metrics, key, None) if metrics else None
+    if value is None and metrics is not None and key in metrics.invalid:
+        return "invalid"
+    return _fmt(value, spec)
+
+
+def _notes(columns: dict[str, Metrics | None]) -> list[tuple[str, str]]:
+    """Caption lines (text, style): noisy timings, alternate timing, invalid values."""
+    measured = {name: m for name, m in columns.items() if m is not None}
+    spreads = [s for m in measured.values()
+               for s in (m.prefill_tokens_per_s_spread, m.decode_tokens_per_s_spread) if s is not None]
+    lines = []
+    if any(s > NOISY_SPREAD for s in spreads):
+        lines.append((_NOISY_NOTE, "bold yellow"))
+    timed = [m.latency_interleaved_with for m in measured.values() if m.decode_tokens_per_s is not None]
+    if len(timed) == 2 and all(timed):
+        lines.append(("tok/s: both models timed alternately in the same process", ""))
+    for name, m in measured.items():
+        lines += [(f"{name}: {reason}", "red") for reason in m.invalid.values()]
+    return lines
+
+
+def metrics_table(columns: dict[str, Metrics | None], title: str = "", notes: list[str] | None = None) -> Table:
+    """One column per model; with two, a change column. Names, title and notes are plain text."""
+    table = Table(title=Text(title) if title else None)
     table.add_column("metric")
     names = list(columns)
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(Text(name), justify="right")
     with_delta = len(names) == 2
     if with_delta:
         table.add_column("change", justify="right")
     for label, key, spec in _ROWS:
         values = [getattr(m, key, None) if m else None for m in columns.values()]
-        row = [label] + [_fmt(v, spec) for v in values]
+        row = [label] + [_cell(m, key, spec) for m in columns.values()]
         if with_delta:
-            row.append(_delta(values[0], values[1]) if key != "linear_kernel" else "")
-        table.add_row(*row)
+            row.append(_delta(values[0], values[1]) if key not in _NO_DELTA else "")
+        table.add_row(*(Text(cell) for cell in row))
+    lines = _notes(columns) + [(note, "yellow") for note in notes or []]
+    if lines:
+        caption = Text(justify="left")
+        for i, (line, style) in enumerate(lines):
+            caption.append(("\n" if i else "") + line, style=style or None)
+        table.caption = caption
     return table
+
+
+SUMMARY_ENTRIES = 4  # scalar entries of a step's `changed` shown in the steps table
+SUMMARY_WIDTH = 60
+
+
+def changed_summary(changed: dict) -> str:
+    """A short line from a step's ``changed``: its first few scalar entries, whole ones only. Lists and
+    mappings (curves, phase timings) stay in report.json."""
+    parts, more = [], False
+    for key, value in changed.items():
+        if value is None or isinstance(value, (dict, list, tuple)):
+            more = more or value is not None
+            continue
+        entry = f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+        if len(parts) == SUMMARY_ENTRIES or (parts and len(", ".join(parts + [entry])) > SUMMARY_WIDTH):
+            more = True
+            break
+        parts.append(entry if len(entry) <= SUMMARY_WIDTH else entry[: SUMMARY_WIDTH - 3] + "...")
+    return ", ".join(parts) + (", ..." if more and parts else "")
+
+
+def _row(*cells: str) -> list[Text]:
+    """Table cells as plain text: names, paths and messages are never read as rich markup."""
+    return [Text(str(cell)) for cell in cells]
 
 
 def report_tables(report: Report) -> list[Table]:
     title = f"{report.name}: {report.status}" + (f" ({report.error})" if report.error else "")
     tables = [metrics_table({"baseline": report.baseline, "result": report.result}, title)]
     if report.steps:
-        steps = Table(title="steps")
-        for col in ("step", "seconds", "peak MB", "changed"):
+        steps = Table(title="steps", caption="all of each step's changes: `steps` in report.json")
+        for col in ("step", "seconds", "peak MB", "summary"):
             steps.add_column(col)
         for s in report.steps:
-            changed = ", ".join(f"{k}={v}" for k, v in s.changed.items())
-            steps.add_row(s.name, f"{s.wall_seconds:.1f}", _fmt(s.peak_memory_bytes, "mb"), changed)
+            steps.add_row(*_row(s.name, f"{s.wall_seconds:.1f}", _fmt(s.peak_memory_bytes, "mb"),
+                                changed_summary(s.changed)))
         tables.append(steps)
     if report.budgets:
         budgets = Table(title="budgets")
@@ -71,14 +135,25 @@ def report_tables(report: Report) -> list[Table]:
             budgets.add_column(col)
         for b in report.budgets:
             actual = "-" if b.actual is None else f"{b.actual:.4g}"
-            budgets.add_row(b.name, f"{b.limit:.4g}", actual + (f" ({b.note})" if b.note else ""),
-                            "yes" if b.passed else "[red]NO[/red]")
+            cells = _row(b.name, f"{b.limit:.4g}", actual + (f" ({b.note})" if b.note else ""))
+            budgets.add_row(*cells, Text("yes") if b.passed else Text("NO", style="red"))
         tables.append(budgets)
     return tables
 
 
+def _environment_notes(a: Report, b: Report) -> list[str]:
+    """Why the two results' speeds may not be comparable: different CPU, GPU or threads."""
+    notes = []
+    for label, key in (("CPU", "cpu"), ("GPU", "gpu"), ("torch threads", "torch_threads")):
+        va, vb = getattr(a.environment, key), getattr(b.environment, key)
+        if va is not None and vb is not None and va != vb:
+            notes.append(f"speeds not comparable: {label} {va} ({a.name}) vs {vb} ({b.name})")
+    return notes
+
+
 def compare_table(a: Report, b: Report) -> Table:
-    return metrics_table({a.name: a.result, b.name: b.result}, "comparison of results")
+    return metrics_table({a.name: a.result, b.name: b.result}, "comparison of results",
+                         notes=_environment_notes(a, b))
 
 
 def summary_table(rows: list[tuple[str, str, int, str]]) -> Table:
@@ -86,20 +161,20 @@ def summary_table(rows: list[tuple[str, str, int, str]]) -> Table:
     for col in ("recipe", "status", "exit", "output"):
         table.add_column(col)
     for name, status, code, output in rows:
-        table.add_row(name, status, str(code), output)
+        table.add_row(*_row(name, status, code, output))
     return table
 
 
 def plan_table(plan) -> Table:
-    table = Table(title=f"plan: {plan.name} (dry run, nothing loaded)")
+    table = Table(title=Text(f"plan: {plan.name} (dry run, nothing loaded)"))
     table.add_column("item")
     table.add_column("value")
-    table.add_row("model", plan.model)
-    table.add_row("output", plan.output)
+    table.add_row(*_row("model", plan.model))
+    table.add_row(*_row("output", plan.output))
     for i, step in enumerate(plan.steps, 1):
-        table.add_row(f"step {i}", step)
-    table.add_row("parameters", _fmt(plan.parameters, "{:,}"))
-    table.add_row("weights (MB)", _fmt(plan.weights_bytes, "mb"))
-    table.add_row("estimated peak (MB)", _fmt(plan.estimated_peak_bytes, "mb"))
-    table.add_row("note", plan.note)
+        table.add_row(*_row(f"step {i}", step))
+    table.add_row(*_row("parameters", _fmt(plan.parameters, "{:,}")))
+    table.add_row(*_row("weights (MB)", _fmt(plan.weights_bytes, "mb")))
+    table.add_row(*_row("estimated peak (MB)", _fmt(plan.estimated_peak_bytes, "mb")))
+    table.add_row(*_row("note", plan.note))
     return table

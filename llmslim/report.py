@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import model_validator  # Metrics: non-finite values become null + a reason
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -47,7 +48,12 @@ class LatencySettings(_Model):
 
 
 class Metrics(_Model):
-    """What one model measured. ``baseline`` and ``result`` share these keys."""
+    """What one model measured. ``baseline`` and ``result`` share these keys.
+
+    Every float is finite or null: a measured nan/inf is stored as null with its
+    reason in ``invalid`` (never as a bare NaN, which is not JSON)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     perplexity: float | None = None
     perplexity_settings: PerplexitySettings | None = None
@@ -57,15 +63,39 @@ class Metrics(_Model):
     peak_memory_bytes: int | None = Field(None, description="process RSS peak on CPU, max allocated on CUDA")
     prefill_tokens_per_s: float | None = Field(None, description="median run")
     prefill_tokens_per_s_p90: float | None = Field(None, description="at the 90th-percentile (slow) run")
+    prefill_tokens_per_s_spread: float | None = Field(
+        None, ge=0, description="(p90 - p10) / median of the per-run prefill times, a fraction; "
+        "above 0.2 the timings are noisy; null with a single run")
     decode_tokens_per_s: float | None = None
     decode_tokens_per_s_p90: float | None = None
+    decode_tokens_per_s_spread: float | None = Field(
+        None, ge=0, description="(p90 - p10) / median of the per-run decode times, a fraction; "
+        "above 0.2 the timings are noisy; null with a single run")
     latency_settings: LatencySettings | None = None
+    latency_interleaved_with: Literal["baseline", "result"] | None = Field(
+        None, description="the model timed alternately with this one in the same process; null: timed alone")
     energy_j_per_token: float | None = Field(None, description="joules over the timed runs / tokens processed")
     energy_source: str | None = None
     energy_unavailable_reason: str | None = None
     device: str
     dtype: str
     linear_kernel: str | None = Field(None, description="how quantized linears ran, when there are any")
+    invalid: dict[str, str] = Field(
+        default_factory=dict, description="metric -> why its measured value is null (it was not a finite number)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _non_finite_to_invalid(cls, data: Any) -> Any:
+        """A nan/inf (also in a report written before this rule) becomes null plus a reason."""
+        if not isinstance(data, dict):
+            return data
+        bad = {k: v for k, v in data.items() if isinstance(v, float) and not abs(v) < float("inf")}
+        if not bad:
+            return data
+        invalid = dict(data.get("invalid") or {})
+        for key, value in bad.items():
+            invalid.setdefault(key, f"{key} is {value}: not a finite number")
+        return {**data, **dict.fromkeys(bad), "invalid": invalid}
 
 
 class StepRecord(_Model):
@@ -100,6 +130,12 @@ class Environment(_Model):
     llmslim: str
     device: str
     platform: str
+    # null in reports written before llmslim recorded them
+    torch_threads: int | None = Field(None, description="torch.get_num_threads() during the run")
+    cpu: str | None = Field(None, description="CPU model (/proc/cpuinfo model name, else platform.processor())")
+    gpu: str | None = Field(None, description="CUDA device name when the run used a GPU")
+    model_source: dict[str, Any] | None = Field(
+        None, description="the file the input model was converted from (a GGUF file: its sha256 and tensor types)")
 
 
 class Report(_Model):
@@ -109,7 +145,8 @@ class Report(_Model):
     name: str
     recipe: dict[str, Any]
     recipe_sha256: str
-    fingerprint: str
+    fingerprint: str = Field(description="key of what determines the checkpoint: model, data, steps, device")
+    evaluation_fingerprint: str | None = Field(None, description="key of the evaluate block, its data and device")
     environment: Environment
     calibration: Calibration | None = None
     baseline: Metrics | None = None
@@ -117,6 +154,10 @@ class Report(_Model):
     steps: list[StepRecord] = Field(default_factory=list)
     budgets: list[BudgetResult] = Field(default_factory=list)
     output: str
+    files: dict[str, int] | None = Field(None, description="every file of the output folder but this report, "
+                                         "with its size: the output is complete when they all match")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="content hashes of the files read, "
+                                   "with the (size, mtime_ns, inode) they were taken at")
     started_at: str
     finished_at: str
     wall_seconds: float
@@ -124,10 +165,12 @@ class Report(_Model):
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync, rename."""
+    text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"  # NaN is not JSON
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)  # never through a link
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -7,15 +7,16 @@ from pathlib import Path
 import torch
 
 from llmslim.data import load_documents, parse_dataset
-from llmslim.evaluate.energy import open_energy_meter
-from llmslim.evaluate.latency import measure_latency
+from llmslim.evaluate.energy import EnergyMeter, open_energy_meter
+from llmslim.evaluate.latency import LatencyResult, measure_latency, measure_latency_pair
 from llmslim.evaluate.memory import PeakMemory
-from llmslim.evaluate.perplexity import eval_windows, perplexity, tokenize_text
+from llmslim.evaluate.perplexity import eval_windows, mean_nll, tokenize_text
+from llmslim.evaluate.validity import LATENCY_KEYS, perplexity_reason, rate_reason, safe_exp, split_finite
 from llmslim.modeling import count_parameters
 from llmslim.recipe.schema import EvaluateConfig
 from llmslim.report import LatencySettings, Metrics, PerplexitySettings
 
-__all__ = ["evaluate_model", "prepare_eval_windows"]
+__all__ = ["evaluate_model", "prepare_eval_windows", "remeasure_latency", "with_latency"]
 
 
 def prepare_eval_windows(cfg: EvaluateConfig, tokenizer) -> tuple[torch.Tensor, PerplexitySettings] | None:
@@ -32,34 +33,60 @@ def prepare_eval_windows(cfg: EvaluateConfig, tokenizer) -> tuple[torch.Tensor, 
 
 
 def _linear_kernel(model) -> str | None:
-    kernels = sorted({m.kernel for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "qweight")})
-    return ",".join(kernels) or None
+    """The paths the quantized linears took (``int4pack``, ``int4pack+pad``, ``int8pack``, ``dequant``)
+    and the activation dtype they computed in, e.g. ``dequant,int4pack+pad (bfloat16 activations)``."""
+    layers = [m for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "qweight")]
+    if not layers:
+        return None
+    kernels = ",".join(sorted({m.kernel for m in layers}))
+    dtypes = sorted({str(getattr(m, "activation_dtype", "")).removeprefix("torch.") for m in layers} - {""})
+    return f"{kernels} ({'/'.join(dtypes)} activations)" if dtypes else kernels
+
+
+def _latency_fields(lat: LatencyResult | None, cfg: EvaluateConfig, meter: EnergyMeter | None) -> dict:
+    """The Metrics fields one latency measurement fills (none when latency is off)."""
+    if lat is None or cfg.latency is None:
+        return {}
+    values = {**vars(lat), "latency_settings": LatencySettings(**cfg.latency.model_dump())}
+    if meter is not None:
+        values["energy_source"] = meter.source
+        values["energy_unavailable_reason"] = meter.reason
+    else:
+        values["energy_source"] = None
+        values["energy_unavailable_reason"] = "disabled by evaluate.energy: false"
+    return values
+
+
+def _rate_reasons(lat: LatencyResult | None) -> dict[str, str]:
+    if lat is None:
+        return {}
+    return {k: rate_reason(k, v) for k, v in vars(lat).items() if k != "energy_j_per_token"}
 
 
 def evaluate_model(model, cfg: EvaluateConfig, *, size_bytes: int, windows=None, seed: int = 0,
                    progress=None) -> Metrics:
-    """Measure ``model`` as it runs now; ``size_bytes`` is its weights on disk."""
+    """Measure ``model`` as it runs now; ``size_bytes`` is its weights on disk.
+
+    A value that is not a finite number is returned as None, with the reason in
+    ``Metrics.invalid`` (the caller fails the run on it)."""
     device = next(model.parameters()).device
     params = count_parameters(model)
-    values: dict = {}
+    values, reasons, lat = {}, {}, None
     meter = open_energy_meter(device) if (cfg.latency is not None and cfg.energy) else None
     with PeakMemory(device) as peak:
         if windows is not None:
             data, settings = windows
             batch = cfg.perplexity.batch_size if cfg.perplexity else 1
-            values["perplexity"] = perplexity(model, data, batch_size=batch, progress=progress)
+            loss = mean_nll(model, data, batch_size=batch, progress=progress)
+            values["perplexity"] = safe_exp(loss)
             values["perplexity_settings"] = settings
+            reasons["perplexity"] = perplexity_reason(loss)
         if cfg.latency is not None:
             if progress:
                 progress.log("measuring latency")
             lat = measure_latency(model, cfg.latency, seed=seed, meter=meter)
-            values.update(vars(lat))
-            values["latency_settings"] = LatencySettings(**cfg.latency.model_dump())
-    if meter is not None:
-        values["energy_source"] = meter.source
-        values["energy_unavailable_reason"] = meter.reason
-    elif cfg.latency is not None:
-        values["energy_unavailable_reason"] = "disabled by evaluate.energy: false"
+    values.update(_latency_fields(lat, cfg, meter))
+    values, invalid = split_finite(values, {**reasons, **_rate_reasons(lat)})
     return Metrics(
         parameters=params,
         size_bytes=size_bytes,
@@ -68,8 +95,39 @@ def evaluate_model(model, cfg: EvaluateConfig, *, size_bytes: int, windows=None,
         device=str(device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         linear_kernel=_linear_kernel(model),
+        invalid=invalid,
         **values,
     )
+
+
+def remeasure_latency(baseline_model, result_model, cfg: EvaluateConfig, seed: int) -> tuple[dict, dict]:
+    """Time the baseline and the result alternately in this process (same prompt).
+
+    Returns the latency fields of ``Metrics`` for the baseline and for the result
+    (tokens/s, p90, spreads, energy, settings, ``latency_interleaved_with`` and
+    the ``invalid`` entries of these fields); empty dicts when latency is off.
+    Apply them with :func:`with_latency`, which keeps the other invalid entries."""
+    if cfg.latency is None:
+        return {}, {}
+    models = {"baseline": baseline_model, "result": result_model}
+    meters = {name: open_energy_meter(next(m.parameters()).device) if cfg.energy else None
+              for name, m in models.items()}
+    lats = measure_latency_pair(models, cfg.latency, seed=seed, meters=meters)
+    out = []
+    for name, other in (("baseline", "result"), ("result", "baseline")):
+        values, invalid = split_finite(_latency_fields(lats[name], cfg, meters[name]), _rate_reasons(lats[name]))
+        out.append({**values, "latency_interleaved_with": other, "invalid": invalid})
+    return out[0], out[1]
+
+
+def with_latency(metrics: Metrics, update: dict) -> Metrics:
+    """``metrics`` with the latency fields from :func:`remeasure_latency`, validated; the
+    ``invalid`` entries of the latency fields are replaced, the others kept."""
+    if not update:
+        return metrics
+    kept = {k: v for k, v in metrics.invalid.items() if k not in LATENCY_KEYS}
+    data = {**metrics.model_dump(), **update, "invalid": {**kept, **update.get("invalid", {})}}
+    return Metrics.model_validate(data)
 
 
 def model_size_bytes(model, path: Path | None) -> int:

@@ -9,15 +9,14 @@ predicts ``seqlen - 1`` tokens, so this equals the mean of per-window losses.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from llmslim.data import join_documents
 from llmslim.errors import UsageError
+from llmslim.evaluate.validity import safe_exp
 
-__all__ = ["tokenize_text", "eval_windows", "window_nll", "perplexity"]
+__all__ = ["tokenize_text", "eval_windows", "window_nll", "mean_nll", "perplexity"]
 
 
 def tokenize_text(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -45,8 +44,9 @@ def window_nll(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress=None) -> float:
-    """exp(mean next-token negative log-likelihood) over ``windows`` ([n, seqlen])."""
+def mean_nll(model, windows: torch.Tensor, *, batch_size: int = 1, progress=None) -> float:
+    """Mean next-token negative log-likelihood over ``windows`` ([n, seqlen]); nan or inf when
+    the model's outputs are not finite."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
@@ -55,4 +55,10 @@ def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress=No
         nll, tokens = window_nll(model, windows[start : start + batch_size].to(device))
         total_nll += nll.item()
         total_tokens += tokens
-    return math.exp(total_nll / total_tokens)
+    return total_nll / total_tokens
+
+
+def perplexity(model, windows: torch.Tensor, *, batch_size: int = 1, progress=None) -> float:
+    """exp(mean next-token negative log-likelihood) over ``windows``; inf when it overflows, nan
+    when the loss is nan (see :mod:`llmslim.evaluate.validity`)."""
+    return safe_exp(mean_nll(model, windows, batch_size=batch_size, progress=progress))
