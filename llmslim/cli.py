@@ -2,14 +2,17 @@
 
 Exit codes: 0 success; 1 a step or evaluation failed (the report is still
 written); 2 invalid usage or recipe; 3 a budget was missed (checkpoint and
-report are still written). Set LLMSLIM_DEBUG=1 for tracebacks.
+report are still written); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+Set LLMSLIM_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
@@ -17,12 +20,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from llmslim import __version__
-from llmslim.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LlmslimError, RecipeError
+from llmslim.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LlmslimError, RecipeError, Terminated
 
 EXIT_HELP = ("Exit codes: 0 success; 1 a step or evaluation failed (report still written); "
-             "2 invalid usage or recipe; 3 a budget was missed (checkpoint and report still written). "
+             "2 invalid usage or recipe; 3 a budget was missed (checkpoint and report still written); "
+             "130 interrupted (Ctrl-C); 143 terminated (SIGTERM); completed steps are kept in both. "
              "Set LLMSLIM_DEBUG=1 to see tracebacks.")
 
 app = typer.Typer(help="Compress Hugging Face causal LMs from YAML recipes.\n\n" + EXIT_HELP,
@@ -30,12 +35,30 @@ app = typer.Typer(help="Compress Hugging Face causal LMs from YAML recipes.\n\n"
 err_console = Console(stderr=True)
 out_console = Console()
 
+
+
 # The one table from exception type to (exit code, message prefix).
 ERROR_TABLE: list[tuple[type[BaseException], int, str]] = [
     (RecipeError, EXIT_USAGE, "invalid recipe"),
     (LlmslimError, -1, "error"),  # -1: the error's own exit_code
+    (Terminated, 143, "terminated (completed steps are kept; rerun to resume)"),
     (KeyboardInterrupt, 130, "interrupted (completed steps are kept; rerun to resume)"),
 ]
+
+
+def _raise_terminated(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
+
+
+def _with_sigterm(fn: Callable[[], int]) -> int:
+    """Run ``fn`` with SIGTERM turned into :class:`Terminated` (main thread only), then restore the handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return fn()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _handle(exc: BaseException) -> int:
@@ -94,23 +117,25 @@ def run(
     if output is not None and len(recipes) > 1:
         err_console.print("[bold red]error:[/bold red] --output needs exactly one recipe")
         raise typer.Exit(EXIT_USAGE)
-    code = run_many(recipes, overrides=set_ or [], output=output, dry_run=dry_run, force=force,
-                    quiet=quiet, as_json=json_, handle=_handle, err=err_console)
+    code = _with_sigterm(lambda: run_many(recipes, overrides=set_ or [], output=output, dry_run=dry_run,
+                                          force=force, quiet=quiet, as_json=json_, handle=_handle,
+                                          err=err_console))
     raise typer.Exit(code)
 
 
 @app.command(epilog=EXIT_HELP)
 def validate(recipes: RecipesArg, set_: SetOpt = None) -> None:
     """Validate recipes (for CI linting); loads no model."""
+    from llmslim.commands import _worst
+    from llmslim.progress import setup_logging
     from llmslim.recipe import load_recipe
 
-    from llmslim.commands import _worst
-
+    setup_logging(False, err_console)  # notes found while validating (e.g. loaders) are warnings
     codes = []
     for path in recipes:
         code = _guarded(lambda p=path: (load_recipe(p, set_ or []), 0)[1])
         if code == EXIT_OK:
-            err_console.print(f"{path}: ok")
+            err_console.print(f"{escape(str(path))}: ok", highlight=False)
         codes.append(code)
     raise typer.Exit(_worst(codes))
 
@@ -121,32 +146,22 @@ def report(
     compare: Annotated[Optional[Path], typer.Option(help="Another output or report to compare with.")] = None,
 ) -> None:
     """Show a report as tables, or two results side by side."""
+    from llmslim.commands import load_report, newer_failure
     from llmslim.render import compare_table, report_tables
-    from llmslim.report import read_report
 
     def show() -> int:
-        first = _read(path, read_report)
+        first = load_report(path)
         if compare is None:
             for table in report_tables(first):
                 out_console.print(table)
+            warning = newer_failure(path)
+            if warning:
+                out_console.print(Text(warning, style="bold yellow"))
         else:
-            out_console.print(compare_table(first, _read(compare, read_report)))
+            out_console.print(compare_table(first, load_report(compare)))
         return EXIT_OK
 
     raise typer.Exit(_guarded(show))
-
-
-def _read(path: Path, reader):
-    from pydantic import ValidationError
-
-    from llmslim.errors import UsageError
-
-    try:
-        return reader(path)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no report.json here") from None
-    except (ValidationError, ValueError) as exc:
-        raise UsageError(f"{path}: not a valid llmslim report ({str(exc).splitlines()[0]})") from None
 
 
 @app.command("eval")

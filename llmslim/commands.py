@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 from llmslim.errors import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from llmslim.progress import Progress, setup_logging
 
-__all__ = ["run_many", "eval_model"]
+__all__ = ["run_many", "eval_model", "load_report", "eval_option_problem"]
 
 
 def _worst(codes: list[int]) -> int:
@@ -83,28 +84,61 @@ def run_many(recipes: list[Path], *, overrides: list[str], output: Path | None, 
     return _worst([r[2] for r in rows])
 
 
+def eval_option_problem(seqlen: int, max_windows: int | None, dtype: str) -> str | None:
+    """What is wrong with ``llmslim eval``'s options, in the options' own words; None when nothing is."""
+    from llmslim.recipe.limits import MAX_COUNT, MAX_SEQLEN
+
+    if not 2 <= seqlen <= MAX_SEQLEN:
+        return f"--seqlen must be at least 2 and at most {MAX_SEQLEN:,} (got {seqlen})"
+    if max_windows is not None and not 1 <= max_windows <= MAX_COUNT:
+        return f"--max-windows must be at least 1 and at most {MAX_COUNT:,} (got {max_windows})"
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        return f"--dtype {dtype!r}: expected float32, bfloat16, float16 or auto"
+    return None
+
+
+def _local_model_problem(model_ref: str) -> str | None:
+    """Why a model argument that names a path (./x, /x, ~/x, or something that exists) is no model folder.
+    Anything else is left to the hub-id resolution (``org/name``)."""
+    path = Path(model_ref).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{model_ref}: a file, not a model folder (give the folder holding config.json)"
+    if model_ref.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in model_ref):
+        return f"model folder not found: {path.absolute()}"
+    return None
+
+
+def _eval_dataset(dataset: str):
+    from llmslim.data import check_dataset, parse_dataset
+    from llmslim.recipe.schema import _check_dataset
+
+    try:
+        _check_dataset(dataset)
+    except ValueError as exc:
+        raise UsageError(f"--dataset: {exc}") from None
+    ds = parse_dataset(dataset, Path.cwd())
+    why = check_dataset(ds)
+    if why:
+        raise UsageError(f"--dataset {dataset!r}: {why}")
+    return ds
+
+
 def eval_model(model_ref: str, dataset: str, *, seqlen: int, max_windows: int | None, latency: bool,
                dtype: str, device: str, err: Console):
     """The evaluation block alone on any model."""
-    from pydantic import ValidationError
-
-    from llmslim.data import check_dataset, parse_dataset
     from llmslim.evaluate import evaluate_model, model_size_bytes, prepare_eval_windows
     from llmslim.modeling import load_model, load_tokenizer, resolve_device, resolve_model_path
     from llmslim.recipe.schema import EvaluateConfig, LatencyConfig, PerplexityConfig
 
     setup_logging(False, err)
-    try:
-        ds = parse_dataset(dataset, Path.cwd())
-        cfg = EvaluateConfig(perplexity=PerplexityConfig(dataset=ds.spec(), seqlen=seqlen, max_windows=max_windows),
-                             latency=LatencyConfig() if latency else None)
-    except (ValidationError, UsageError) as exc:
-        raise UsageError(f"--dataset {dataset!r}: {str(exc).splitlines()[-1].strip()}") from None
-    why = check_dataset(ds)
+    why = eval_option_problem(seqlen, max_windows, dtype) or _local_model_problem(model_ref)
     if why:
-        raise UsageError(f"--dataset {dataset!r}: {why}")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype {dtype!r}: expected float32, bfloat16, float16 or auto")
+        raise UsageError(why)
+    ds = _eval_dataset(dataset)
+    cfg = EvaluateConfig(perplexity=PerplexityConfig(dataset=ds.spec(), seqlen=seqlen, max_windows=max_windows),
+                         latency=LatencyConfig() if latency else None)
     dev = resolve_device(device)
     path = resolve_model_path(model_ref)
     tokenizer = load_tokenizer(str(path))
@@ -112,3 +146,55 @@ def eval_model(model_ref: str, dataset: str, *, seqlen: int, max_windows: int | 
     windows = prepare_eval_windows(cfg, tokenizer)
     return evaluate_model(model, cfg, size_bytes=model_size_bytes(model, path), windows=windows,
                           progress=Progress(err))
+
+
+def load_report(path: Path):
+    """The report in an output folder or a report.json, or a UsageError saying what the file is instead."""
+    from pydantic import ValidationError
+
+    from llmslim.report import Report
+
+    file = path / "report.json" if path.is_dir() else path
+    if not file.exists():
+        raise UsageError(f"{path}: no report.json here" + ("" if path.is_dir() else " (no such file or folder)"))
+    if file.is_dir():
+        raise UsageError(f"{file} is a folder, not a report file")
+    try:
+        raw = file.read_bytes()
+        data = json.loads(raw)
+    except OSError as exc:
+        raise UsageError(f"{file}: cannot read the report ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{file}: not a report: not UTF-8 (byte offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{file}: not a report: not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise UsageError(f"{file}: not a report: JSON nested too deeply") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise UsageError(f"{file}: not an llmslim report (a JSON object with schema_version, status, ...)")
+    try:
+        return Report.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the top level"
+        raise UsageError(f"{file}: not a valid llmslim report ({exc.error_count()} problem(s); first: "
+                         f"{where}: {first['msg']})") from None
+
+
+def newer_failure(path: Path) -> str | None:
+    """A line saying that a newer attempt at this output failed, when its report lies beside it."""
+    from llmslim.publish import FAILED_REPORT
+
+    folder = path if path.is_dir() else path.parent
+    failed = folder / FAILED_REPORT
+    if not failed.is_file():
+        return None
+    try:
+        data = json.loads(failed.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"a newer attempt failed; its report {failed} is unreadable"
+    if not isinstance(data, dict):
+        return None
+    when, error = data.get("finished_at", "?"), data.get("error") or "no error recorded"
+    return (f"a newer attempt failed ({when}): {error}. This output is from the earlier run; "
+            f"the failed attempt's report: {failed}")

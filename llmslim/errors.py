@@ -24,6 +24,8 @@ __all__ = [
     "OutputError",
     "ModelLoadError",
     "StepError",
+    "DiskSpaceError",
+    "Terminated",
 ]
 
 EXIT_OK = 0
@@ -81,3 +83,11 @@ class StepError(LlmslimError):
     def __init__(self, step: str, message: str):
         self.step = step
         super().__init__(f"step {step!r} failed: {message}")
+
+
+class DiskSpaceError(LlmslimError):
+    """The disk cannot hold what a run must write; completed work is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is; like Ctrl-C, the run stops and keeps its completed steps (exit 143)."""

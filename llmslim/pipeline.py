@@ -4,8 +4,6 @@ measure the result, check budgets, publish checkpoint + report atomically."""
 from __future__ import annotations
 
 import logging
-import platform
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -13,23 +11,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import transformers
-import yaml
 
-from llmslim import __version__
 from llmslim.budgets import check_budgets
-from llmslim.data import file_digest, hash_token_ids, load_documents, parse_dataset, sample_windows
-from llmslim.errors import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, OutputError, UsageError
+from llmslim.data import hash_token_ids, load_documents, parse_dataset, sample_windows
+from llmslim.errors import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, DiskSpaceError, OutputError, UsageError
 from llmslim.evaluate import evaluate_model, model_size_bytes, prepare_eval_windows
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.perplexity import tokenize_text
+from llmslim.fingerprints import DigestCache, RunKeys, run_keys, sha256_json
 from llmslim.modeling import load_model, load_tokenizer, resolve_device, resolve_model_path, save_checkpoint
 from llmslim.modeling import weights_size_bytes
+from llmslim.outcome import publish_output, record_failure
 from llmslim.progress import LOGGER, Progress
+from llmslim.publish import check_free_space, foreign_files, is_llmslim_output, no_space_message, output_problem
+from llmslim.publish import recover
 from llmslim.recipe.schema import Recipe
-from llmslim.report import Calibration, Environment, Metrics, Report, StepRecord, read_report, write_json_atomic
+from llmslim.report import Calibration, Metrics, Report, StepRecord, read_report, write_json_atomic
+from llmslim.run_env import environment, interleave_latency, source_info
 from llmslim.steps import StepContext, run_step
-from llmslim.workspace import OutputLock, WorkDir, fingerprint, model_identity, publish, sha256_json, staging_dir
+from llmslim.workspace import OutputLock, WorkDir
 
 __all__ = ["RunOutcome", "run_recipe", "exit_code_for"]
 
@@ -61,12 +61,18 @@ class _Run:
     recipe: Recipe
     plain: dict
     recipe_hash: str
-    fp: str
+    keys: RunKeys
+    digests: DigestCache
+    device: torch.device
     model_path: Path
     work: WorkDir
     progress: Progress
     started: datetime
     t0: float
+
+    @property
+    def output(self) -> Path:
+        return Path(self.recipe.output)
 
 
 def _now() -> datetime:
@@ -74,29 +80,29 @@ def _now() -> datetime:
 
 
 def _previous_report(output: Path) -> Report | None:
+    if not is_llmslim_output(output):
+        return None
     try:
-        return read_report(output) if (output / "report.json").is_file() else None
-    except ValueError:
+        return read_report(output)
+    except (OSError, ValueError):
         return None
 
 
 def _guard_output(output: Path, prev: Report | None, name: str, force: bool) -> None:
-    """Never overwrite silently: only with --force or when it is this recipe's own output."""
-    if not output.exists() or force:
+    """Replace only llmslim's own outputs: silently when it is this recipe's, otherwise with --force."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
-    if prev is None:
-        raise OutputError(f"output folder {output} exists and was not written by llmslim; "
-                          "choose another output or pass --force")
-    if prev.name != name:
+    if not is_llmslim_output(output):
+        raise OutputError(f"output folder {output} exists and was not written by llmslim (no report.json); "
+                          "llmslim never deletes it, even with --force: move it away or choose another output")
+    foreign = foreign_files(output)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise OutputError(f"output folder {output} holds files llmslim did not write ({shown}); "
+                          "move them out of it first, llmslim never deletes them")
+    if prev is not None and prev.name != name and not force:
         raise OutputError(f"output folder {output} holds the output of recipe {prev.name!r}, not {name!r}; "
                           "choose another output or pass --force")
-
-
-def _data_digests(recipe: Recipe) -> dict:
-    digests = {}
-    if recipe.calibration is not None:
-        digests["calibration"] = file_digest(parse_dataset(recipe.calibration.dataset))
-    return digests
 
 
 @contextmanager
@@ -118,10 +124,13 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None
     if is_follower():
         return _follow(recipe, force, progress)
     with OutputLock(output):
+        recover(output)
+        if force:
+            WorkDir(output, "").remove()  # --force starts clean: no resumed step, no cached baseline
         run, prev = _prepare(recipe, progress)
-        if _up_to_date(run, prev, force):
-            LOGGER.info("%s: up to date (%s), nothing to do", recipe.name, output)
-            return RunOutcome(prev, exit_code_for(prev.status), up_to_date=True)
+        outcome = _up_to_date(run, prev) if not force else None
+        if outcome is not None:
+            return outcome
         _guard_output(output, prev, recipe.name, force)
         run.work.create()
         with _run_log(run.work.path / "run.log"):
@@ -129,53 +138,73 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None
 
 
 def _prepare(recipe: Recipe, progress: Progress) -> tuple[_Run, Report | None]:
+    output = Path(recipe.output)
+    prev = _previous_report(output)
     plain = recipe.to_plain()
     model_path = resolve_model_path(recipe.model)
-    fp = fingerprint(plain, model_identity(model_path), _data_digests(recipe))
-    output = Path(recipe.output)
-    run = _Run(recipe, plain, sha256_json(plain), fp, model_path, WorkDir(output, fp), progress, _now(),
-               time.perf_counter())
-    return run, _previous_report(output)
+    device = resolve_device(recipe.device)
+    digests = DigestCache(known=dict(prev.inputs) if prev else {})
+    keys = run_keys(recipe, plain, model_path, str(device), digests)
+    run = _Run(recipe, plain, sha256_json(plain), keys, digests, device, model_path, WorkDir(output, keys.steps),
+               progress, _now(), time.perf_counter())
+    return run, prev
 
 
-def _up_to_date(run: _Run, prev: Report | None, force: bool) -> bool:
-    output = Path(run.recipe.output)
-    return (prev is not None and not force and prev.fingerprint == run.fp and prev.recipe_sha256 == run.recipe_hash
-            and prev.status != "failed" and (output / "config.json").is_file())
+def _up_to_date(run: _Run, prev: Report | None) -> RunOutcome | None:
+    """The previous output when it is this recipe's, complete and computed from the same inputs; its
+    budgets re-checked (and its report rewritten) when only they changed. None: run again."""
+    if prev is None or prev.status == "failed" or prev.name != run.recipe.name:
+        return None
+    if any(m is not None and m.invalid for m in (prev.baseline, prev.result)):
+        return None  # written before non-finite metrics failed a run
+    if prev.fingerprint != run.keys.steps or prev.evaluation_fingerprint != run.keys.evaluation:
+        return None
+    problem = output_problem(run.output)
+    if problem is not None:
+        LOGGER.warning("%s: the output in %s is incomplete (%s); running again", run.recipe.name, run.output, problem)
+        return None
+    if prev.recipe.get("budgets") != run.plain.get("budgets") and prev.baseline and prev.result:
+        budgets = check_budgets(run.recipe.budgets, prev.baseline, prev.result)
+        status = "passed" if all(b.passed for b in budgets) else "budget_failed"
+        prev = prev.model_copy(update={"budgets": budgets, "status": status, "recipe": run.plain,
+                                       "recipe_sha256": run.recipe_hash})
+        write_json_atomic(run.output / "report.json", prev.model_dump(mode="json"))
+        LOGGER.info("%s: up to date; budgets re-checked against the stored metrics: %s", run.recipe.name, status)
+    else:
+        LOGGER.info("%s: up to date (%s), nothing to do", run.recipe.name, run.output)
+    return RunOutcome(prev, exit_code_for(prev.status), up_to_date=True)
 
 
 def _follow(recipe: Recipe, force: bool, progress: Progress) -> RunOutcome:
     """A non-zero rank: the same steps in memory (distill trains data-parallel), nothing written."""
     run, prev = _prepare(recipe, progress)
-    if _up_to_date(run, prev, force):
+    if not force and prev is not None and _same_inputs(run, prev):
         return RunOutcome(None, exit_code_for(prev.status), up_to_date=True)
-    device = resolve_device(recipe.device)
-    tokenizer, model = _load_input(run, device)
+    tokenizer, model = _load_input(run)
     calibration, _ = _calibration(recipe, tokenizer)
-    _run_steps(run, model, tokenizer, _step_context(run, tokenizer, device, calibration, Progress(quiet=True)),
-               save=False)
+    _run_steps(run, model, tokenizer, _step_context(run, tokenizer, calibration, Progress(quiet=True)), save=False)
     return RunOutcome(None, EXIT_OK)
 
 
-def _load_input(run: _Run, device: torch.device):
-    """The recipe's tokenizer and input model, on ``device``."""
+def _same_inputs(run: _Run, prev: Report) -> bool:
+    return (prev.status != "failed" and prev.fingerprint == run.keys.steps
+            and prev.evaluation_fingerprint == run.keys.evaluation and output_problem(run.output) is None)
+
+
+def _load_original(run: _Run):
     recipe = run.recipe
-    tokenizer = load_tokenizer(str(run.model_path), recipe.trust_remote_code)
-    model = load_model(str(run.model_path), recipe.dtype, device, trust_remote_code=recipe.trust_remote_code,
-                       allow_pickle=recipe.allow_pickle)
-    return tokenizer, model
+    return load_model(str(run.model_path), recipe.dtype, run.device, trust_remote_code=recipe.trust_remote_code,
+                      allow_pickle=recipe.allow_pickle)
 
 
-def _step_context(run: _Run, tokenizer, device: torch.device, calibration, progress: Progress) -> StepContext:
-    return StepContext(tokenizer=tokenizer, device=device, seed=run.recipe.seed, progress=progress,
+def _load_input(run: _Run):
+    """The recipe's tokenizer and input model, on the run's device."""
+    return load_tokenizer(str(run.model_path), run.recipe.trust_remote_code), _load_original(run)
+
+
+def _step_context(run: _Run, tokenizer, calibration, progress: Progress) -> StepContext:
+    return StepContext(tokenizer=tokenizer, device=run.device, seed=run.recipe.seed, progress=progress,
                        calibration=calibration, model_path=run.model_path, dtype=run.recipe.dtype)
-
-
-def _environment(device: torch.device) -> Environment:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return Environment(python=platform.python_version(), torch=torch.__version__,
-                       transformers=transformers.__version__, llmslim=__version__,
-                       device=f"{device} ({name})", platform=platform.platform())
 
 
 def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor | None, Calibration | None]:
@@ -191,50 +220,99 @@ def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor | None, Calibr
 
 def _execute(run: _Run) -> RunOutcome:
     recipe, fields = run.recipe, {}
-    device = resolve_device(recipe.device)
-    fields["environment"] = _environment(device)
-    LOGGER.info("%s: loading %s on %s", recipe.name, recipe.model, device)
-    tokenizer, model = _load_input(run, device)
+    fields["environment"] = environment(run.device, recipe.model)
+    LOGGER.info("%s: loading %s on %s", recipe.name, recipe.model, run.device)
+    tokenizer, model = _load_input(run)
     windows = prepare_eval_windows(recipe.evaluate, tokenizer)
     calibration, fields["calibration"] = _calibration(recipe, tokenizer)
     try:
         fields["baseline"] = _baseline(run, model, windows)
-        ctx = _step_context(run, tokenizer, device, calibration, run.progress)
-        model, fields["steps"] = _run_steps(run, model, tokenizer, ctx)
+        if fields["baseline"].invalid:  # no point compressing a model that cannot be measured
+            return _finish_failed(run, fields, _invalid_metrics(fields))
+        model, fields["steps"] = _run_steps(run, model, tokenizer, _step_context(run, tokenizer, calibration,
+                                                                                  run.progress))
         final_dir = run.work.step_dir(len(recipe.steps) - 1)
         LOGGER.info("%s: evaluating the result", recipe.name)
         fields["result"] = evaluate_model(model, recipe.evaluate, size_bytes=weights_size_bytes(final_dir),
                                           windows=windows, seed=recipe.seed, progress=run.progress)
+        fields["baseline"], fields["result"] = interleave_latency(
+            recipe, run.device, lambda: _load_original(run), model, fields["baseline"], fields["result"])
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a step or evaluation is reported, exit 1
         LOGGER.error("%s: %s", recipe.name, exc, exc_info=LOGGER.isEnabledFor(logging.DEBUG))
-        return _finish_failed(run, fields, f"{type(exc).__name__}: {exc}")
+        return _finish_failed(run, fields, _error_text(exc, run))
+    invalid = _invalid_metrics(fields)
+    if invalid:
+        LOGGER.error("%s: %s", recipe.name, invalid)
+        return _finish_failed(run, fields, invalid)
     fields["budgets"] = check_budgets(recipe.budgets, fields["baseline"], fields["result"])
     status = "passed" if all(b.passed for b in fields["budgets"]) else "budget_failed"
-    report = _report(run, status, fields)
-    _publish_output(run, final_dir, report)
+    try:
+        report = publish_output(run.output, final_dir, run.plain, run.work.path / "run.log",
+                                _report(run, status, fields))
+    except DiskSpaceError as exc:
+        LOGGER.error("%s: %s", recipe.name, exc)
+        return _finish_failed(run, fields, str(exc))
+    LOGGER.info("%s: %s -> %s", recipe.name, status, run.output)
+    run.work.remove()
     return RunOutcome(report, exit_code_for(status))
 
 
+def _error_text(exc: Exception, run: _Run) -> str:
+    if isinstance(exc, OSError):
+        message = no_space_message(exc, run.work.path)
+        if message:
+            return message
+    return str(exc) if isinstance(exc, DiskSpaceError) else f"{type(exc).__name__}: {exc}"
+
+
+def _invalid_metrics(fields: dict) -> str | None:
+    """Non-finite measurements fail the run; the values themselves are already null."""
+    parts = []
+    for which in ("baseline", "result"):
+        metrics = fields.get(which)
+        for name, why in (getattr(metrics, "invalid", None) or {}).items():
+            parts.append(f"{which} {name}: {why}")
+    return ("non-finite metric: " + "; ".join(parts)) if parts else None
+
+
 def _baseline(run: _Run, model, windows) -> Metrics:
-    cached = run.work.read_json("baseline.json")
+    name = f"baseline-{run.keys.baseline[:16]}.json"
+    cached = run.work.read_json(name)
     if cached is not None:
         LOGGER.info("%s: baseline restored from the work folder", run.recipe.name)
         return Metrics.model_validate(cached)
     LOGGER.info("%s: evaluating the original model (baseline)", run.recipe.name)
     metrics = evaluate_model(model, run.recipe.evaluate, size_bytes=model_size_bytes(model, run.model_path),
                              windows=windows, seed=run.recipe.seed, progress=run.progress)
-    write_json_atomic(run.work.path / "baseline.json", metrics.model_dump(mode="json"))
+    if not getattr(metrics, "invalid", None):
+        write_json_atomic(run.work.path / name, metrics.model_dump(mode="json"))
     return metrics
+
+
+def _resume(run: _Run, ctx: StepContext, model, count: int):
+    """The model after the last completed step whose checkpoint loads, and that step's index (-1: none).
+    A checkpoint or record that fails to load is discarded with a warning and recomputed."""
+    done = run.work.last_completed(count)
+    while done >= 0:
+        try:
+            StepRecord.model_validate(run.work.read_json(run.work.record_path(done).name))
+            resumed = load_model(str(run.work.step_dir(done)), run.recipe.dtype, ctx.device)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is recomputed
+            LOGGER.warning("%s: the checkpoint of step %d cannot be loaded (%s); computing it again",
+                           run.recipe.name, done + 1, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            run.work.discard_from(done, count)
+            done -= 1
+            continue
+        LOGGER.info("%s: resuming after step %d (%s)", run.recipe.name, done + 1, run.recipe.steps[done].STEP_NAME)
+        return resumed, done
+    return model, -1
 
 
 def _run_steps(run: _Run, model, tokenizer, ctx: StepContext, save: bool = True):
     steps, work, records = run.recipe.steps, run.work, []
-    done = work.last_completed(len(steps))
-    if done >= 0:
-        LOGGER.info("%s: resuming after step %d (%s)", run.recipe.name, done + 1, steps[done].STEP_NAME)
-        model = load_model(str(work.step_dir(done)), run.recipe.dtype, ctx.device)
+    model, done = _resume(run, ctx, model, len(steps)) if save else (model, -1)
     for index, step in enumerate(steps):
         if index <= done:
             record = StepRecord.model_validate(run.work.read_json(work.record_path(index).name))
@@ -258,10 +336,21 @@ def _run_steps(run: _Run, model, tokenizer, ctx: StepContext, save: bool = True)
 
 def _save_step(work: WorkDir, index: int, model, tokenizer, record: StepRecord) -> None:
     """Checkpoint after a step: written aside, renamed, then its record (the commit mark)."""
+    import shutil
+
     final, tmp = work.step_dir(index), work.path / f".step-{index}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
-    save_checkpoint(model, tokenizer, tmp)
+    needed = model_size_bytes(model, None) + 50_000_000
+    check_free_space(work.path, needed)
+    try:
+        save_checkpoint(model, tokenizer, tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = no_space_message(exc, work.path, needed)
+        if message:
+            raise DiskSpaceError(f"saving step {index + 1}: {message}") from None
+        raise
     tmp.rename(final)
     write_json_atomic(work.record_path(index), record.model_dump(mode="json"))
     shutil.rmtree(work.path / f"step-{index}.scratch", ignore_errors=True)
@@ -269,44 +358,17 @@ def _save_step(work: WorkDir, index: int, model, tokenizer, record: StepRecord) 
 
 def _report(run: _Run, status: str, fields: dict, error: str | None = None) -> Report:
     finished = _now()
-    return Report(status=status, error=error, name=run.recipe.name, recipe=run.plain,
-                  recipe_sha256=run.recipe_hash, fingerprint=run.fp, output=run.recipe.output,
-                  started_at=run.started.isoformat(), finished_at=finished.isoformat(),
+    source = source_info(run.recipe.model)
+    recipe = dict(run.plain, source=source) if source else run.plain
+    return Report(status=status, error=error, name=run.recipe.name, recipe=recipe,
+                  recipe_sha256=run.recipe_hash, fingerprint=run.keys.steps,
+                  evaluation_fingerprint=run.keys.evaluation, output=run.recipe.output,
+                  inputs=run.digests.used, started_at=run.started.isoformat(), finished_at=finished.isoformat(),
                   wall_seconds=time.perf_counter() - run.t0, **fields)
-
-
-def _write_extras(folder: Path, run: _Run, report: Report) -> None:
-    write_json_atomic(folder / "report.json", report.model_dump(mode="json"))
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(run.plain, sort_keys=False), encoding="utf-8")
-    log = run.work.path / "run.log"
-    if log.is_file():
-        shutil.copyfile(log, folder / "run.log")
-
-
-def _publish_output(run: _Run, final_dir: Path, report: Report) -> None:
-    output = Path(run.recipe.output)
-    staged = staging_dir(output)
-    try:
-        staged.rmdir()
-        final_dir.rename(staged)
-        LOGGER.info("%s: %s -> %s", run.recipe.name, report.status, output)
-        _write_extras(staged, run, report)
-        publish(staged, output)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    run.work.remove()
 
 
 def _finish_failed(run: _Run, fields: dict, error: str) -> RunOutcome:
     """A failed run keeps its work folder (for resume) and never replaces a good output."""
     report = _report(run, "failed", fields, error)
-    output = Path(run.recipe.output)
-    write_json_atomic(run.work.path / "report.json", report.model_dump(mode="json"))
-    if not output.exists():
-        staged = staging_dir(output)
-        _write_extras(staged, run, report)
-        publish(staged, output)
-    else:
-        LOGGER.error("%s: the previous output in %s is kept; this run's report: %s",
-                     run.recipe.name, output, run.work.path / "report.json")
+    record_failure(run.output, run.work.path, run.plain, run.work.path / "run.log", report)
     return RunOutcome(report, EXIT_FAILED)

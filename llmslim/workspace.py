@@ -1,89 +1,127 @@
-"""Where a run keeps its state: the output lock, the fingerprinted work folder
-that makes runs resumable, and the atomic publication of the output folder.
+"""Where a run keeps its state: the output lock and the fingerprinted work
+folder that makes runs resumable (publishing is in :mod:`llmslim.publish`).
 
 Layout, beside the output folder ``OUT``::
 
-    .OUT.lock                  # held while a run writes OUT
-    .OUT.work/<fingerprint>/   # step-0/, step-1/ ... checkpoints, baseline.json, run.log
-    .OUT.tmp-<pid>/            # the output being assembled, renamed to OUT at the end
+    .OUT.lock                  # held while a run writes OUT: {"pid", "host", "started"}
+    .OUT.work/<steps key>/     # step-0/, step-1/ ... checkpoints, baseline-<key>.json, run.log
+    .OUT.staging-<pid>/        # the output being assembled, renamed to OUT at the end
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
-from llmslim import __version__
 from llmslim.errors import OutputError
+from llmslim.progress import LOGGER
 
-__all__ = ["OutputLock", "WorkDir", "fingerprint", "model_identity", "publish", "sha256_json"]
+__all__ = ["OutputLock", "WorkDir"]
 
-
-def sha256_json(data) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def model_identity(path: Path) -> dict:
-    """Cheap identity of a model folder: its files' names, sizes and mtimes."""
-    files = sorted(p for p in Path(path).iterdir() if p.is_file())
-    return {"path": str(path), "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
-
-
-def fingerprint(recipe_plain: dict, model_id: dict, data_digests: dict) -> str:
-    """What determines a run's result: steps and their inputs, and llmslim's version."""
-    keys = ("model", "dtype", "seed", "calibration", "steps", "trust_remote_code")
-    return sha256_json({
-        "recipe": {k: recipe_plain.get(k) for k in keys},
-        "model": model_id,
-        "data": data_digests,
-        "llmslim": __version__,
-    })
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on an output folder (released on exit or crash)."""
+    """An exclusive lock on an output folder: a lock file created with O_EXCL|O_NOFOLLOW (never
+    through a planted link) and flock-ed while held. A stale lock of a dead process on this host is
+    taken over with a warning; a lock of another host is respected (its owner cannot be checked)."""
 
     def __init__(self, output: Path):
+        self.output = output
         self.path = output.parent / f".{output.name}.lock"
-        self._fh = None
+        self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a+")
+        for _ in range(3):
+            fd = self._create()
+            if fd is not None:
+                self._fd = fd
+                return self
+            self._take_over_if_stale()
+        raise OutputError(f"cannot take the lock {self.path}: another run keeps taking it")
+
+    def _create(self) -> int | None:
         try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.path, _LOCK_FLAGS, 0o644)
+        except FileExistsError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+        return fd
+
+    def _holder(self) -> dict:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OutputError(f"{self.path} is a symbolic link, not an llmslim lock; remove it (llmslim never "
+                                  "writes through links)") from None
+            return {}
+        try:  # a live holder keeps its flock; the kernel drops it when the process dies
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            free = True
         except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise OutputError(f"{self.path.parent / self.path.name[1:-5]} is being written by {holder}; "
-                              "wait for it to finish") from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"llmslim pid {os.getpid()}")
-        self._fh.flush()
-        return self
+            free = False
+        try:
+            data = json.loads(os.read(fd, 4096).decode("utf-8", "replace") or "{}")
+        except ValueError:
+            data = {}
+        finally:
+            os.close(fd)
+        data = data if isinstance(data, dict) else {}
+        data["_flock_free"] = free
+        return data
+
+    def _take_over_if_stale(self) -> None:
+        holder = self._holder()
+        host, pid = holder.get("host"), holder.get("pid")
+        who = f"pid {pid} on {host}" if host else "an unknown process"
+        if host and host != socket.gethostname():
+            raise OutputError(f"{self.output} is being written by {who} (lock {self.path}, since "
+                              f"{holder.get('started', '?')}); if that run is dead, delete the lock file")
+        if not holder["_flock_free"]:
+            raise OutputError(f"{self.output} is being written by {who}; wait for it to finish")
+        LOGGER.warning("%s: taking over the stale lock of %s, which is no longer running", self.output, who)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fh, fcntl.LOCK_UN)
-        self._fh.close()
+        if self._fd is None:
+            return
+        try:
+            mine = os.fstat(self._fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+        except OSError:
+            mine = False
+        if mine:
+            self.path.unlink()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
 
 class WorkDir:
-    """Per-fingerprint state of a run: completed steps and the cached baseline."""
+    """Per-key state of a run: completed steps and the cached baseline."""
 
-    def __init__(self, output: Path, fp: str):
+    def __init__(self, output: Path, key: str):
         self.root = output.parent / f".{output.name}.work"
-        self.path = self.root / fp[:16]
+        self.path = self.root / key[:16]
 
     def create(self) -> WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.root.iterdir():
-            if stale != self.path and stale.is_dir():
+            if stale != self.path and stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)  # another fingerprint's state is useless now
         return self
 
@@ -97,34 +135,28 @@ class WorkDir:
         """Index of the last step whose checkpoint and record are complete, or -1."""
         last = -1
         for i in range(count):
-            if self.record_path(i).is_file() and self.step_dir(i).is_dir():
+            if self.read_json(self.record_path(i).name) is not None and self.step_dir(i).is_dir():
                 last = i
             else:
                 break
         return last
 
+    def discard_from(self, index: int, count: int) -> None:
+        """Forget steps ``index`` .. ``count - 1`` (records first: they are the commit marks)."""
+        for i in range(index, count):
+            self.record_path(i).unlink(missing_ok=True)
+            shutil.rmtree(self.step_dir(i), ignore_errors=True)
+
     def read_json(self, name: str):
+        """A JSON file of the work folder, or None when absent or unreadable (a torn write)."""
         path = self.path / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def staging_dir(output: Path) -> Path:
-    path = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def publish(staged: Path, output: Path) -> None:
-    """Replace ``output`` by the fully written ``staged`` folder with renames only."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-    os.replace(staged, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if self.root.is_dir() and not self.root.is_symlink():
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -68,12 +68,18 @@ def test_missed_budget_exits_3_and_still_writes(model_factory, recipe_writer, wo
     assert missed == ["max_size_mb"]
 
 
-def test_failed_step_exits_1_with_report(model_factory, recipe_writer, workdir):
-    recipe = recipe_writer(model_factory("llama"), steps="  - rtn: {bits: 4, group_size: 48}")
+def test_failed_step_exits_1_with_report(model_factory, recipe_writer, workdir, monkeypatch):
+    import llmslim.pipeline as pipeline
+
+    def broken(model, config, ctx):
+        raise RuntimeError("the step broke")
+
+    monkeypatch.setattr(pipeline, "run_step", broken)
+    recipe = recipe_writer(model_factory("llama"))
     result = invoke("run", recipe)
     assert result.exit_code == 1, result.output
     report = json.loads((workdir / "out" / "w4-rtn" / "report.json").read_text())
-    assert report["status"] == "failed" and "group" in report["error"]
+    assert report["status"] == "failed" and "the step broke" in report["error"]
     assert not (workdir / "out" / "w4-rtn" / "config.json").exists()
     assert "Traceback" not in result.output
 
@@ -104,8 +110,11 @@ def test_existing_output_is_not_overwritten(workdir, model_factory, recipe_write
     result = invoke("run", recipe)
     assert result.exit_code == 2 and "not written by llmslim" in result.output
     assert (out / "precious.txt").is_file()
-    assert invoke("run", recipe, "--force").exit_code == 0
-    assert not (out / "precious.txt").exists()
+    forced = invoke("run", recipe, "--force")
+    assert forced.exit_code == 2 and "never deletes it, even with --force" in forced.output
+    assert (out / "precious.txt").read_text() == "keep"
+    (out / "precious.txt").unlink()
+    assert invoke("run", recipe).exit_code == 0, "an empty folder may be filled"
     other = recipe_writer(model_factory("llama"), name="other", output="./out/w4-rtn")
     result = invoke("run", other)
     assert result.exit_code == 2 and "holds the output of recipe 'w4-rtn'" in result.output
@@ -116,7 +125,7 @@ def test_concurrent_run_on_same_output_refuses(workdir, model_factory, recipe_wr
     (workdir / "out").mkdir()
     with OutputLock(workdir / "out" / "w4-rtn"):
         result = invoke("run", recipe)
-    assert result.exit_code == 2 and "is being written by llmslim pid" in result.output
+    assert result.exit_code == 2 and "is being written by pid" in result.output
 
 
 def test_crash_mid_run_leaves_no_output_and_resumes(workdir, model_factory, recipe_writer, monkeypatch):
@@ -145,7 +154,7 @@ def test_crash_mid_run_leaves_no_output_and_resumes(workdir, model_factory, reci
 
 
 def test_crash_while_publishing_keeps_previous_output(workdir, model_factory, recipe_writer, monkeypatch):
-    import llmslim.pipeline as pipeline
+    import llmslim.outcome as outcome
 
     recipe = recipe_writer(model_factory("llama"))
     assert invoke("run", recipe).exit_code == 0
@@ -155,10 +164,13 @@ def test_crash_while_publishing_keeps_previous_output(workdir, model_factory, re
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "publish", crash)
+    monkeypatch.setattr(outcome, "publish", crash)
     assert runner.invoke(app, ["run", str(recipe), "--set", "steps.0.rtn.bits=3"]).exit_code == 130
     assert (out / "report.json").read_text() == before and (out / "model.safetensors").is_file()
-    assert not list((workdir / "out").glob(".w4-rtn.tmp-*"))
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == [".w4-rtn.work", "w4-rtn"]
+    monkeypatch.undo()
+    again = runner.invoke(app, ["run", str(recipe), "--set", "steps.0.rtn.bits=3"])
+    assert again.exit_code == 0 and "resuming after step 1" in again.output, again.output
 
 
 def test_report_and_compare_commands(workdir, model_factory, recipe_writer):

@@ -20,7 +20,7 @@ __all__ = ["stop_on_signals", "write_atomic", "scalar", "set_checkpointing"]
 
 
 @contextmanager
-def stop_on_signals(request_stop: Callable[[], None]):
+def stop_on_signals(request_stop: Callable[[int], None]):
     """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one acts as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -30,7 +30,7 @@ def stop_on_signals(request_stop: Callable[[], None]):
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
         LOGGER.warning("distill: %s received; stopping after this step with a checkpoint (again to stop now)",
                        signal.Signals(signum).name)
-        request_stop()
+        request_stop(signum)
         signal.signal(signum, previous[signum])
 
     for sig in (signal.SIGINT, signal.SIGTERM):

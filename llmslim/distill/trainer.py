@@ -30,6 +30,7 @@ import copy
 import functools
 import hashlib
 import math
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -44,7 +45,7 @@ from llmslim.distill.distributed import all_reduce_sum, barrier, broadcast_objec
 from llmslim.distill.losses import distillation_loss
 from llmslim.distill.records import DistillResult, Position
 from llmslim.distill.runtime import scalar, set_checkpointing, stop_on_signals, write_atomic
-from llmslim.errors import StepError
+from llmslim.errors import StepError, Terminated
 from llmslim.evaluate.perplexity import window_nll
 from llmslim.modeling import decoder_layers
 from llmslim.progress import LOGGER
@@ -79,7 +80,7 @@ class Distiller:
         self.total = config.total_steps
         self.warmup_steps = round(config.warmup * self.total)
         self.order = SampleOrder(data.train.shape[0], seed)
-        self._stop = False
+        self._stop, self._stop_signal = False, None
         self._check()
         share = config.batch_size // self.world_size
         self.share, self.micro = share, min(config.micro_batch_size or share, share)
@@ -126,8 +127,9 @@ class Distiller:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def request_stop(self) -> None:
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
         self._stop = True
+        self._stop_signal = signum
 
     def _identity(self) -> dict:
         shapes = [(n, tuple(p.shape)) for n, p in self.student.state_dict().items()]
@@ -413,7 +415,8 @@ class Distiller:
                     LOGGER.info("distill: step %d perplexity %.4f", pos.step, ppl)
                 if stop:
                     self._save(module, optimizer, scheduler, pos, identity, t_start)
-                    raise KeyboardInterrupt(f"distill stopped after step {pos.step}/{self.total}; run again to resume")
+                    stopped = Terminated if self._stop_signal == signal.SIGTERM else KeyboardInterrupt
+                    raise stopped(f"distill stopped after step {pos.step}/{self.total}; run again to resume")
                 if pos.step % cfg.checkpoint_every == 0 and pos.step < self.total:
                     self._save(module, optimizer, scheduler, pos, identity, t_start)
                 if self.callback is not None:
