@@ -224,3 +224,43 @@ def test_disk_full_while_publishing_keeps_the_step_checkpoint(local_model, recip
     again = invoke("run", recipe)
     assert again.exit_code == 0 and "resuming after step 1" in again.output, again.output
     assert (workdir / "out" / "w4-rtn" / "model.safetensors").is_file()
+
+
+def test_unwritable_output_folder_is_refused(local_model, recipe_writer, workdir, monkeypatch):
+    import llmslim.recipe.output_checks as checks
+
+    (workdir / "out").mkdir()
+    real = os.access
+    denied = str(workdir / "out")  # root may write anywhere: pretend this folder is read-only
+    monkeypatch.setattr(checks.os, "access", lambda path, mode: str(path) != denied and real(path, mode))
+    _refused(invoke("validate", recipe_writer(local_model)), "permission denied")
+
+
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+import llmslim.publish as publish
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if ".old-" in str(dst):  # the previous output was just moved aside: die before the new one is in place
+        os.kill(os.getpid(), signal.SIGKILL)
+publish.os.replace = replace
+from llmslim.cli import app
+sys.argv = ["llmslim", "run", sys.argv[1], "--set", "steps.0.rtn.bits=3"]
+app()
+"""
+
+
+def test_kill_9_between_the_renames_is_finished_by_the_next_run(local_model, recipe_writer, workdir):
+    import subprocess
+    import sys
+
+    recipe, out = _published(workdir, local_model, recipe_writer)
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(recipe)], capture_output=True,
+                            text=True, cwd=workdir, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists(), "killed with the previous output moved aside and the new one not yet in place"
+    result = invoke("run", recipe, "--set", "steps.0.rtn.bits=3")
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    assert json.loads((out / "report.json").read_text())["recipe"]["steps"][0]["rtn"]["bits"] == 3
+    assert not [p.name for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
