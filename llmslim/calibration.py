@@ -1,8 +1,14 @@
 """The layer-by-layer calibration loop, written once and shared by every
-calibrated step (GPTQ now, pruning next).
+calibrated step (GPTQ, pruning).
 
-1. Capture the inputs (and keyword arguments: masks, positions, rotary
-   embeddings) of the first decoder layer for all calibration windows.
+1. Capture what every decoder layer is called with, for all calibration
+   windows: the first layer's hidden states, and each layer's own arguments
+   (attention mask, rotary embeddings, positions). Families differ per layer:
+   Gemma 2/3 alternate sliding-window and full attention with different masks
+   (and, Gemma 3, different rotary bases), Qwen2/Qwen3 and Mistral can have
+   sliding windows on some layers. The model's own forward computes them, once
+   per batch, with every decoder layer made a pass-through, so each layer's
+   arguments are exactly those of an unmodified forward and cost no layer work.
 2. For each decoder layer: move it to the compute device; for each group of
    its linear layers (``true_sequential``: linears fed by the same tensor form
    a group, in execution order), run the calibration inputs through the layer
@@ -29,8 +35,11 @@ from torch import nn
 from llmslim.modeling import decoder_layers, find_linears, layer_prefix
 from llmslim.progress import Progress
 
-__all__ = ["LayerCompressor", "CapturedInputs", "capture_first_layer_inputs", "sequential_calibrate",
+__all__ = ["LayerCompressor", "LayerInputs", "CapturedInputs", "capture_layer_inputs", "sequential_calibrate",
            "linear_groups", "LayerObserver", "PhaseTimes"]
+
+# Keyword arguments that carry a KV cache: calibration runs each layer alone, without one.
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
 
 
 class LayerCompressor(Protocol):
@@ -50,11 +59,28 @@ LayerObserver = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
 
 
 @dataclass
-class CapturedInputs:
-    """A decoder layer's inputs, one entry per calibration batch."""
+class LayerInputs:
+    """What one decoder layer is called with, one entry per calibration batch."""
 
     hidden: list[torch.Tensor]
+    args: list[tuple]  # positional arguments after the hidden states
     kwargs: list[dict[str, Any]]
+
+    def call(self, layer: nn.Module, batch: int):
+        return layer(self.hidden[batch], *self.args[batch], **self.kwargs[batch])
+
+
+@dataclass
+class CapturedInputs:
+    """The first layer's hidden states per batch, and every layer's other arguments per batch."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[tuple[tuple, dict[str, Any]]]]  # [layer][batch] -> (args, kwargs)
+
+    def layer(self, index: int, hidden: list[torch.Tensor] | None = None) -> LayerInputs:
+        """Layer ``index``'s inputs, with ``hidden`` (default: the first layer's) as its hidden states."""
+        calls = self.calls[index]
+        return LayerInputs(self.hidden if hidden is None else hidden, [a for a, _ in calls], [k for _, k in calls])
 
 
 class PhaseTimes:
@@ -80,44 +106,82 @@ class PhaseTimes:
 
 
 class _StopForward(Exception):
-    """Raised from a hook to end a forward pass once what it needs is seen (the first
-    layer's inputs, or the inputs of a group's linears): the rest would be wasted work."""
+    """Raised from a hook to end a forward pass once what it needs is seen (the last
+    layer's arguments, or the inputs of a group's linears): the rest would be wasted work."""
 
 
-def _to(value, device):
+def _to(value, device, memo: dict[int, Any]):
+    """``value`` on ``device``; a tensor shared by several layers (a mask, rotary tables) is moved once."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        if id(value) not in memo:
+            memo[id(value)] = value.detach().to(device)
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device, memo) for k, v in value.items()}
     return value
 
 
-@torch.no_grad()
-def capture_first_layer_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, device: torch.device,
-                               batch_size: int) -> CapturedInputs:
-    """Run the embedding part of the model and keep what enters ``layers[0]``."""
-    captured = CapturedInputs([], [])
+def _layer_call(args: tuple, kwargs: dict, device, memo: dict[int, Any]) -> tuple[tuple, dict[str, Any]]:
+    """A layer's arguments after the hidden states, on ``device``, without a cache."""
+    rest = {k: _to(v, device, memo) for k, v in kwargs.items() if k != "hidden_states" and k not in CACHE_KWARGS}
+    rest["use_cache"] = False
+    return _to(tuple(args[1:]) if args else (), device, memo), rest
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        rest = {k: _to(v, device) for k, v in kwargs.items() if k != "hidden_states"}
-        rest["use_cache"] = False
-        rest.pop("past_key_values", None), rest.pop("past_key_value", None), rest.pop("layer_past", None)
-        captured.kwargs.append(rest)
-        raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+def _pass_through(hidden_states, *_args, **_kwargs):
+    return hidden_states
+
+
+@contextmanager
+def _layers_pass_through(layers: nn.ModuleList) -> Iterator[None]:
+    """Every decoder layer returns its hidden states unchanged (hooks still run)."""
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's wrapped forward
+    for layer in layers:
+        layer.forward = _pass_through
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(_model_device(model))
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
+        yield
     finally:
-        handle.remove()
-    captured.hidden = [h.to(device) for h in captured.hidden]
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, device: torch.device,
+                         batch_size: int) -> CapturedInputs:
+    """One model forward per batch, layers passed through: the first layer's hidden states and
+    every layer's own arguments, as the model computes them for that layer."""
+    captured = CapturedInputs([], [[] for _ in layers])
+    memo: dict[int, Any] = {}
+    last = len(layers) - 1
+
+    def grab(index: int):
+        def hook(_module, args, kwargs):
+            if index == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                captured.hidden.append(hidden.detach().to(device))
+            captured.calls[index].append(_layer_call(args, kwargs, device, memo))
+            if index == last:
+                raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with _layers_pass_through(layers):
+            for start in range(0, windows.shape[0], batch_size):
+                memo.clear()
+                batch = windows[start : start + batch_size].to(_model_device(model))
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
     return captured
 
 
@@ -130,12 +194,12 @@ def _first(output):
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: CapturedInputs) -> list[torch.Tensor]:
-    return [_first(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    return [_first(inputs.call(layer, b)) for b in range(len(inputs.hidden))]
 
 
 @torch.no_grad()
-def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: CapturedInputs) -> list[list[str]]:
+def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: LayerInputs) -> list[list[str]]:
     """Linears grouped by the tensor that feeds them, in execution order."""
     order: list[tuple[str, int]] = []
     alive: list[torch.Tensor] = []  # keeps inputs referenced so that their ids stay unique
@@ -146,7 +210,7 @@ def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: Captu
             order.append((_name, id(args[0])))
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        layer(inputs.hidden[0], **inputs.kwargs[0])
+        inputs.call(layer, 0)
     finally:
         for h in handles:
             h.remove()
@@ -160,7 +224,7 @@ def linear_groups(layer: nn.Module, linears: dict[str, nn.Module], inputs: Captu
 
 
 @torch.no_grad()
-def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: LayerCompressor,
+def _calibrate_group(layer, inputs: LayerInputs, group: dict[str, nn.Module], compressor: LayerCompressor,
                      times: PhaseTimes) -> None:
     """Feed each batch's inputs of the group's linears to the compressor. The
     layer runs only as far as the group's inputs: what comes after them cannot
@@ -176,10 +240,10 @@ def _calibrate_group(layer, inputs, group: dict[str, nn.Module], compressor: Lay
                 raise _StopForward
         handles.append(module.register_forward_pre_hook(hook))
     try:
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        for batch in range(len(inputs.hidden)):
             seen.clear()
             try:
-                layer(hidden, **kwargs)
+                inputs.call(layer, batch)
             except _StopForward:
                 pass
     finally:
@@ -202,11 +266,12 @@ def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompress
     layers = decoder_layers(model)
     prefix = layer_prefix(model, layers)
     with times.phase("capture"):
-        inputs = capture_first_layer_inputs(model, layers, windows, device, batch_size)
+        captured = capture_layer_inputs(model, layers, windows, device, batch_size)
+    hidden = captured.hidden
     stats: list[dict[str, Any]] = []
     indices = range(len(layers))
     for index in progress.track(indices, f"{label}: layers") if progress else indices:
-        layer = layers[index]
+        layer, inputs = layers[index], captured.layer(index, hidden)
         home = next(layer.parameters()).device
         with times.phase("move"):
             layer.to(device)
@@ -225,7 +290,7 @@ def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompress
             outputs = run_layer(layer, inputs)
         if on_layer is not None:
             on_layer(index, inputs.hidden, outputs)
-        inputs.hidden = outputs
+        hidden = outputs
         with times.phase("move"):
             layer.to(home)
     return stats

@@ -1,9 +1,10 @@
 """Loading, locating and saving models: devices, dtypes, decoder layers,
 the linear layers inside them, and checkpoints.
 
-Everything here is family-agnostic: decoder layers are found as the
-``nn.ModuleList`` whose length is the config's layer count, and linear layers
-as ``nn.Linear`` or GPT-2's transposed ``Conv1D``.
+Decoder layers are found where the family table (:mod:`llmslim.families`)
+says, else as the ``nn.ModuleList`` whose length is the config's layer count;
+linear layers are ``nn.Linear`` or GPT-2's transposed ``Conv1D``, and every
+layout question about a linear (its weight, its widths) is answered here.
 """
 
 from __future__ import annotations
@@ -179,14 +180,31 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tok
 
 
+# Wrappers (FSDP, activation checkpointing, torch.compile) that insert a component into module names.
+_WRAPPER_PARTS = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def _unwrapped(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers."""
+    """The model's stack of decoder layers: at the family's path, else the module list as long as the layer count."""
+    from llmslim.families import family_for, layer_count
+
     cfg = model.config
-    count = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    lists = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count]
-    if not lists:
+    family = family_for(getattr(cfg, "model_type", None))
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if family is not None:
+        for name, module in lists:
+            path = _unwrapped(name)
+            if path == family.layers or path.endswith(f".{family.layers}"):
+                return module
+    count = layer_count(cfg.to_dict())
+    found = [m for _, m in lists if len(m) == count]
+    if not found:
         raise UsageError(f"cannot find the {count} decoder layers of {type(model).__name__}")
-    return lists[0]
+    return found[0]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -194,6 +212,12 @@ def is_conv1d(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer, whatever its weight layout."""
+    out_features, in_features = linear_weight(module).shape
+    return in_features, out_features
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -249,10 +273,10 @@ def count_parameters(model: nn.Module) -> int:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight in ``nn.Linear`` layout [out_features, in_features]."""
-    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
+    return module.weight.data.t() if is_conv1d(module) else module.weight.data
 
 
 def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write a [out, in] weight back in the module's own layout and dtype."""
     target = module.weight.data
-    target.copy_(weight if isinstance(module, nn.Linear) else weight.t())
+    target.copy_(weight.t() if is_conv1d(module) else weight)

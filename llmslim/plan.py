@@ -57,7 +57,9 @@ def _count_parameters(model_ref: str, trust_remote_code: bool) -> tuple[int | No
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    from llmslim.families import hidden_size
+
+    hidden = hidden_size(config.to_dict()) or 0
     return count, dtype, hidden, note
 
 

@@ -19,6 +19,10 @@ CORPUS = [
     "import os\nprint(os.getcwd())",
 ] * 20
 
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+_GEMMA = dict(_SMALL, head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
+
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM",
               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -33,6 +37,17 @@ ARCHS = {
     "opt": ("OPTConfig", "OPTForCausalLM",
             dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=256, word_embed_proj_dim=64)),
+    # families whose layers differ (sliding-window and full attention, per-type rotary bases), q/k norms,
+    # fused projections; sliding windows of 8 tokens, shorter than the tests' 32-token windows
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_GEMMA, layer_types=["sliding_attention", "full_attention"])),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(_GEMMA, num_hidden_layers=3,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(_SMALL, num_hidden_layers=3, head_dim=16, use_sliding_window=True, sliding_window=8,
+                   max_window_layers=1)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_SMALL, pad_token_id=0)),
+    "mistral_sliding": ("MistralConfig", "MistralForCausalLM", dict(_SMALL, sliding_window=8)),
 }
 
 

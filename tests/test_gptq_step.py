@@ -113,14 +113,14 @@ def test_gptq_step_through_the_cli(workdir, model_factory, recipe_writer):
     ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
 ])
 def test_true_sequential_groups_follow_the_data_flow(model_factory, arch, expected):
-    from llmslim.calibration import capture_first_layer_inputs, linear_groups
+    from llmslim.calibration import capture_layer_inputs, linear_groups
     from llmslim.modeling import decoder_layers, find_linears
 
     path = model_factory(arch)
     model = load_model(str(path), "float32", "cpu")
     _, ctx = _context(path, samples=2)
     layers = decoder_layers(model)
-    inputs = capture_first_layer_inputs(model, layers, ctx.calibration, torch.device("cpu"), batch_size=2)
+    inputs = capture_layer_inputs(model, layers, ctx.calibration, torch.device("cpu"), batch_size=2).layer(0)
     assert linear_groups(layers[0], find_linears(layers[0]), inputs) == expected
 
 

@@ -112,8 +112,10 @@ def _one_run(model, prompt: torch.Tensor, new_tokens: int, clock: Clock) -> tupl
 
 
 def _max_positions(model) -> int | None:
-    cfg = model.config
-    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    from llmslim.families import context_length
+
+    found = context_length(model.config.to_dict())
+    return found[0] if found else None
 
 
 def _check_positions(model, cfg) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmslim.prune.families import ModelShape
+from llmslim.families import ModelShape
 
 __all__ = ["TargetError", "HeadPlan", "PrunePlan", "head_options", "plan_heads", "plan_mlp", "plan_layers",
            "plan_pruning"]

@@ -4,7 +4,10 @@ sizes into the config so that the result is a plain checkpoint of the same
 architecture (``AutoModelForCausalLM.from_pretrained`` loads it).
 
 Linears are ``nn.Linear`` ([out, in]) or GPT-2's ``Conv1D`` ([in, out]); the
-slicing keeps each module object, so hooks and references stay valid.
+slicing keeps each module object, so hooks and references stay valid. A fused
+MLP input (Phi-3's ``gate_up_proj``: rows [gate | up]) loses the same channels
+in both halves. Which config fields hold one entry per layer comes from the
+family table.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmslim.modeling import decoder_layers, is_conv1d, layer_prefix
-from llmslim.prune.families import Family
+from llmslim.modeling import decoder_layers, is_conv1d, layer_prefix, linear_weight
+from llmslim.families import Family
 
 __all__ = ["slice_outputs", "slice_inputs", "head_rows", "prune_attention", "prune_mlp",
-           "attention_linears", "mlp_linears", "remove_layers", "write_width_config"]
+           "attention_linears", "mlp_linears", "mlp_input_rows", "remove_layers", "write_width_config"]
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -63,6 +66,14 @@ def mlp_linears(layer: nn.Module, family: Family) -> tuple[list[nn.Module], nn.M
     return [layer.get_submodule(name) for name in family.mlp_in], layer.get_submodule(family.mlp_out)
 
 
+def mlp_input_rows(family: Family, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The MLP input linears' [out, in] tensors (weights or gradients), one [channels, in] block per
+    projection: a fused [gate | up] linear gives its two halves."""
+    if not family.fused_mlp_in:
+        return list(tensors)
+    return [half for t in tensors for half in t.chunk(2, dim=0)]
+
+
 def prune_attention(layer: nn.Module, family: Family, kept: torch.Tensor, heads: int, kv_heads: int,
                     head_dim: int) -> tuple[int, int]:
     """Keep query heads ``kept`` (whole, equal counts per kept key/value group); returns (heads, kv heads)."""
@@ -88,8 +99,10 @@ def prune_mlp(layer: nn.Module, family: Family, kept: torch.Tensor) -> int:
     """Keep intermediate channels ``kept``; returns the new intermediate size."""
     inputs, output = mlp_linears(layer, family)
     kept = kept.sort().values.cpu()
+    channels = linear_weight(output).shape[1]
+    rows = torch.cat([kept, kept + channels]) if family.fused_mlp_in else kept
     for module in inputs:
-        slice_outputs(module, kept)
+        slice_outputs(module, rows)
     slice_inputs(output, kept)
     return kept.numel()
 
@@ -121,9 +134,12 @@ def remove_layers(model: nn.Module, family: Family, drop: list[int]) -> None:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new
     config = model.config
-    for key, value in config.to_dict().items():
-        if key.endswith("layer_types") and isinstance(value, list) and len(value) == old:
+    for key in family.per_layer_keys:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == old:
             setattr(config, key, [value[i] for i in keep])
-    if isinstance(getattr(config, "max_window_layers", None), int):
-        config.max_window_layers = sum(1 for i in keep if i < config.max_window_layers)
+    for key in family.layer_count_keys:  # "the first N layers are of a kind": count the kept ones among them
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, sum(1 for i in keep if i < value))
     setattr(config, family.layers_key, len(keep))

@@ -114,18 +114,12 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or GPT-2 Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.weight.shape[1]
-
-
 def load_gptq_model(path: Path, dtype, *, trust_remote_code: bool = False) -> nn.Module:
     """Build the architecture without initialising it, swap in packed linears, load the tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from llmslim.modeling import linear_features
     from llmslim.quant.qlinear import QuantLinear
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -138,7 +132,7 @@ def load_gptq_model(path: Path, dtype, *, trust_remote_code: bool = False) -> nn
     state = _load_state(path)
     for name in sorted(k.removesuffix(".qweight") for k in state if k.endswith(".qweight")):
         parent, child = _parent(model, name)
-        in_f, out_f = _shape(getattr(parent, child))
+        in_f, out_f = linear_features(getattr(parent, child))
         setattr(parent, child, QuantLinear(in_f, out_f, quant["bits"], quant["group_size"], quant["sym"],
                                            bias=f"{name}.bias" in state, dtype=model.dtype,
                                            zero_offset=zero_offset))

@@ -92,9 +92,8 @@ def _widths(model: str) -> LayerWidths | None:
         shape = model_shape(json.loads(config_file.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # an unsupported or unreadable config is reported elsewhere, or when the model loads
-    attn = shape.heads * shape.head_dim
-    return LayerWidths(inputs=(shape.hidden, attn, shape.intermediate),
-                       outputs=(attn, shape.kv_heads * shape.head_dim, shape.hidden, shape.intermediate))
+    inputs, outputs = shape.linear_widths()  # fused projections (Phi-3, GPT-2) as the one linear they are
+    return LayerWidths(inputs=inputs, outputs=outputs)
 
 
 def check_quant_targets(recipe: Recipe, add: Callable) -> None:

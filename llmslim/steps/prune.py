@@ -23,16 +23,16 @@ from torch import nn
 
 from llmslim.calibration import sequential_calibrate
 from llmslim.errors import StepError
-from llmslim.modeling import count_parameters, decoder_layers, layer_prefix, linear_weight
+from llmslim.modeling import count_parameters, decoder_layers, is_conv1d, layer_prefix, linear_weight
 from llmslim.progress import LOGGER
-from llmslim.prune.families import ModelShape, model_shape
+from llmslim.families import ModelShape, model_shape
 from llmslim.prune.importance import (channel_output_scores, channel_sq_sums, cosine_sums, head_grams,
                                       head_output_scores, layers_to_drop, magnitude_channel_scores,
                                       magnitude_head_scores, select_channels, select_heads, taylor_channel_scores,
                                       taylor_head_scores)
 from llmslim.prune.shapes import PrunePlan, TargetError, plan_pruning
-from llmslim.prune.surgery import (attention_linears, mlp_linears, prune_attention, prune_mlp, remove_layers,
-                                   write_width_config)
+from llmslim.prune.surgery import (attention_linears, mlp_input_rows, mlp_linears, prune_attention, prune_mlp,
+                                   remove_layers, write_width_config)
 from llmslim.steps.base import StepContext, StepOutcome
 
 __all__ = ["apply_prune", "PruneCompressor", "taylor_scores", "TAYLOR_MAX_SAMPLES"]
@@ -96,7 +96,8 @@ class PruneCompressor:
             _, *linears = attention_linears(layer, self.family)
             return magnitude_head_scores(*(linear_weight(m) for m in linears), self.shape.heads, self.shape.kv_heads)
         inputs, output = mlp_linears(layer, self.family)
-        return magnitude_channel_scores([linear_weight(m) for m in inputs], linear_weight(output))
+        return magnitude_channel_scores(mlp_input_rows(self.family, [linear_weight(m) for m in inputs]),
+                                        linear_weight(output))
 
     def _prune_heads(self, layer: nn.Module, scores: torch.Tensor) -> dict[str, Any]:
         shape, target = self.shape, self.plan.heads
@@ -144,7 +145,7 @@ def _weight_grad(module: nn.Module) -> torch.Tensor:
     grad = module.weight.grad
     if grad is None:
         return torch.zeros_like(linear_weight(module))
-    return grad if isinstance(module, nn.Linear) else grad.t()
+    return grad.t() if is_conv1d(module) else grad
 
 
 def _layer_taylor(layer: nn.Module, shape: ModelShape, plan: PrunePlan) -> dict[str, torch.Tensor]:
@@ -155,7 +156,8 @@ def _layer_taylor(layer: nn.Module, shape: ModelShape, plan: PrunePlan) -> dict[
                                             shape.heads, shape.kv_heads).cpu()
     if plan.mlp_keep is not None:
         inputs, output = mlp_linears(layer, shape.family)
-        entry["mlp"] = taylor_channel_scores([linear_weight(m) for m in inputs], [_weight_grad(m) for m in inputs],
+        entry["mlp"] = taylor_channel_scores(mlp_input_rows(shape.family, [linear_weight(m) for m in inputs]),
+                                             mlp_input_rows(shape.family, [_weight_grad(m) for m in inputs]),
                                              linear_weight(output), _weight_grad(output)).cpu()
     return entry
 
@@ -182,20 +184,47 @@ def taylor_scores(model: nn.Module, windows: torch.Tensor, shape: ModelShape, pl
 
 
 def _check_layout(model: nn.Module, shape: ModelShape, plan: PrunePlan) -> None:
+    """The model has the family's modules (and, when heads go, per-head norms of head_dim)."""
     family = shape.family
     layer = decoder_layers(model)[0]
-    try:
-        _, q, *_ = attention_linears(layer, family)
-        mlp_linears(layer, family)
-    except AttributeError as exc:
-        raise StepError("prune", f"{type(model).__name__} does not have the {family.name} layout "
-                                 f"({family.attention}.{family.q}, {', '.join(family.mlp_in)}): {exc}") from None
-    if plan.heads is not None and linear_weight(q).shape[0] != shape.heads * shape.head_dim:
-        raise StepError("prune", f"{family.attention}.{family.q} has {linear_weight(q).shape[0]} outputs, not "
-                                 f"heads x head_dim = {shape.heads} x {shape.head_dim}; unsupported attention layout")
+    attn_paths = [f"{family.attention}.{n}" for n in (family.q, family.k, family.v, family.o) + family.head_norms]
+    missing = [p for p in (*attn_paths, *family.mlp_in, family.mlp_out, *family.norms)
+               if not _has_submodule(layer, p)]
+    if missing:
+        raise StepError("prune", f"{type(model).__name__} does not have the {family.name} layout: its decoder "
+                                 f"layers lack {', '.join(missing)}")
+    if is_conv1d(layer.get_submodule(family.mlp_out)) != family.transposed_linears:
+        raise StepError("prune", f"{family.mlp_out} of {type(model).__name__} is not stored as the {family.name} "
+                                 "family table says (Conv1D [in, out] or Linear [out, in])")
+    if plan.heads is not None:
+        _check_head_layout(layer, shape)
     if plan.drop_layers and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise StepError("prune", "removing layers is unsupported with scale_attn_by_inverse_layer_idx: the "
                                  "attention scale of every later layer depends on its index")
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _check_head_layout(layer: nn.Module, shape: ModelShape) -> None:
+    family = shape.family
+    attn, q, *_ = attention_linears(layer, family)
+    if family.fused_qkv:
+        raise StepError("prune", f"{family.attention}.{family.q} is a fused q/k/v linear; removing heads from it "
+                                 "is unsupported")
+    if linear_weight(q).shape[0] != shape.heads * shape.head_dim:
+        raise StepError("prune", f"{family.attention}.{family.q} has {linear_weight(q).shape[0]} outputs, not "
+                                 f"heads x head_dim = {shape.heads} x {shape.head_dim}; unsupported attention layout")
+    for name in family.head_norms:
+        weight = getattr(attn.get_submodule(name), "weight", None)
+        if weight is not None and weight.numel() != shape.head_dim:
+            raise StepError("prune", f"{family.attention}.{name} normalises {weight.numel()} features, not one "
+                                     f"head's {shape.head_dim}; removing heads would change it")
 
 
 def _write_sizes(config, shape: ModelShape, plan: PrunePlan) -> None:
