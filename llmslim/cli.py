@@ -24,6 +24,7 @@ from rich.text import Text
 
 from llmslim import __version__
 from llmslim.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LlmslimError, RecipeError, Terminated
+from llmslim.errors import UsageError
 
 EXIT_HELP = ("Exit codes: 0 success; 1 a step or evaluation failed (report still written); "
              "2 invalid usage or recipe; 3 a budget was missed (checkpoint and report still written); "
@@ -140,17 +141,50 @@ def validate(recipes: RecipesArg, set_: SetOpt = None) -> None:
     raise typer.Exit(_worst(codes))
 
 
+@app.command(epilog=EXIT_HELP)
+def search(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file with a `search:` block.")],
+    output: Annotated[Optional[Path], typer.Option(help="Output folder (overrides the recipe's).")] = None,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output and redo finished trials.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print search.json on stdout.")] = False,
+) -> None:
+    """Try the variants of a recipe's `search:` block (shared steps computed once), rank them by
+    P^e * (alpha T + beta E), and publish the selected one with search.json, search.md and pareto.png.
+    Exit 0: a selected variant meets the budgets; 3: none does (the front is still written); 1: every
+    trial failed; 2: invalid search."""
+    from llmslim.commands import search_one
+
+    code = _with_sigterm(lambda: _guarded(lambda: search_one(recipe, overrides=set_ or [], output=output,
+                                                             force=force, quiet=quiet, as_json=json_,
+                                                             err=err_console)))
+    raise typer.Exit(code)
+
+
 @app.command()
 def report(
-    path: Annotated[Path, typer.Argument(help="An output folder or a report.json.")],
+    paths: Annotated[list[Path], typer.Argument(help="Output or search folders, or report.json / search.json "
+                                                "files; several: one leaderboard table.")],
     compare: Annotated[Optional[Path], typer.Option(help="Another output or report to compare with.")] = None,
 ) -> None:
-    """Show a report as tables, or two results side by side."""
-    from llmslim.commands import load_report, newer_failure
-    from llmslim.render import compare_table, report_tables
+    """Show a report (or a search) as tables, two results side by side, or several as a leaderboard."""
+    from llmslim.commands import load_report, load_result, newer_failure
+    from llmslim.render import compare_table, leaderboard_table, report_tables, search_table
 
     def show() -> int:
-        first = load_report(path)
+        if len(paths) > 1:
+            if compare is not None:
+                raise UsageError("--compare takes one result; with several, a leaderboard is shown")
+            out_console.print(leaderboard_table([(str(p), load_result(p)) for p in paths]))
+            return EXIT_OK
+        (path,) = paths
+        first = load_result(path)
+        if getattr(first, "kind", None) == "search":
+            out_console.print(search_table(first))
+            first = load_report(path) if (path / "report.json").is_file() else None
+            if first is None or compare is not None:
+                return EXIT_OK if compare is None else _compare_search(first, compare)
         if compare is None:
             for table in report_tables(first):
                 out_console.print(table)
@@ -162,6 +196,16 @@ def report(
         return EXIT_OK
 
     raise typer.Exit(_guarded(show))
+
+
+def _compare_search(first, compare: Path) -> int:
+    from llmslim.commands import load_report
+    from llmslim.render import compare_table
+
+    if first is None:
+        raise UsageError("this search folder holds no selected checkpoint to compare")
+    out_console.print(compare_table(first, load_report(compare)))
+    return EXIT_OK
 
 
 @app.command("eval")

@@ -28,6 +28,9 @@ def _run_one(path: Path, overrides: list[str], output: Path | None, dry_run: boo
     from llmslim.recipe import load_recipe
 
     recipe = load_recipe(path, overrides, output)
+    if recipe.search is not None:
+        raise UsageError(f"{path}: the recipe has a `search:` block; run it with `llmslim search {path}` "
+                         "(or remove the block to run it as one recipe)")
     if dry_run:
         from llmslim.plan import plan_recipe
         from llmslim.render import plan_table
@@ -198,3 +201,42 @@ def newer_failure(path: Path) -> str | None:
     when, error = data.get("finished_at", "?"), data.get("error") or "no error recorded"
     return (f"a newer attempt failed ({when}): {error}. This output is from the earlier run; "
             f"the failed attempt's report: {failed}")
+
+
+def search_one(path: Path, *, overrides: list[str], output: Path | None, force: bool, quiet: bool,
+               as_json: bool, err: Console) -> int:
+    """``llmslim search``: the trial count first, a line per trial, the ranked table at the end."""
+    from rich.text import Text
+
+    from llmslim.render import search_table
+    from llmslim.search import run_search
+
+    setup_logging(quiet, err)
+    progress = Progress(err, quiet=quiet)
+
+    def announce(line: str) -> None:
+        if not quiet:
+            err.print(Text(line), highlight=False, soft_wrap=True)
+
+    outcome = run_search(path, overrides, output, force=force, progress=progress, announce=announce)
+    if outcome.report is not None and not quiet:
+        err.print(search_table(outcome.report))
+    if as_json and outcome.report is not None:
+        sys.stdout.write(json.dumps(outcome.report.model_dump(mode="json"), indent=2) + "\n")
+    return outcome.exit_code
+
+
+def load_result(path: Path):
+    """A run's Report, or a search's SearchReport when ``path`` is a search folder or search.json."""
+    from pydantic import ValidationError
+
+    from llmslim.search.records import SEARCH_FILE, read_search
+
+    file = path / SEARCH_FILE if path.is_dir() else path
+    if file.name != SEARCH_FILE or not file.is_file():
+        return load_report(path)
+    try:
+        return read_search(file)
+    except (OSError, ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()[0]
+        raise UsageError(f"{file}: not a valid llmslim search record ({first})") from None

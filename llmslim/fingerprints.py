@@ -6,7 +6,11 @@ Three keys, each over exactly what it depends on:
   model's files, dtype, device, seed, calibration, every step's options and
   the files they read (distillation data, a teacher's files), llmslim's version;
 * the **evaluation** key: the evaluate block, its data, dtype and device;
-* the **baseline** key: the model's files plus the evaluation key.
+* the **baseline** key: the model's files plus the evaluation key;
+* one **prefix** key per step: what the steps key covers, restricted to the
+  steps up to that one (model, data, dtype, device, seed, calibration and
+  every earlier step's options and data). A search keys its shared step
+  checkpoints by them, so variants that share a prefix compute it once.
 
 Budgets are in none of them: a change of budgets only re-checks the stored
 metrics. Every file is hashed by content (sha256). A file is hashed once and
@@ -26,7 +30,7 @@ from llmslim import __version__
 from llmslim.data import parse_dataset
 from llmslim.recipe.schema import Recipe
 
-__all__ = ["DigestCache", "RunKeys", "run_keys", "sha256_json", "file_sha256"]
+__all__ = ["DigestCache", "RunKeys", "run_keys", "prefix_key", "sha256_json", "file_sha256"]
 
 STEP_KEYS = ("model", "dtype", "seed", "calibration", "steps", "trust_remote_code", "allow_pickle")
 CHUNK = 1 << 22
@@ -58,7 +62,7 @@ class DigestCache:
         path = Path(path)
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        entry = self.known.get(str(path))
+        entry = self.used.get(str(path)) or self.known.get(str(path))
         if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
             digest = entry["sha256"]
         else:
@@ -86,6 +90,7 @@ class RunKeys:
     steps: str
     evaluation: str
     baseline: str
+    prefixes: tuple[str, ...] = ()  # prefixes[i]: the key of the model after step i
 
 
 def _model_digest(ref: str, model_path: Path, cache: DigestCache) -> dict:
@@ -116,13 +121,11 @@ def run_keys(recipe: Recipe, plain: dict, model_path: Path, device: str, cache: 
     """The three keys of a run (see the module docstring)."""
     model = _model_digest(recipe.model, model_path, cache)
     calibration = cache.dataset(recipe.calibration.dataset) if recipe.calibration else None
-    steps = sha256_json({
-        "recipe": {k: plain.get(k) for k in STEP_KEYS},
-        "device": device,
-        "model": model,
-        "data": {"calibration": calibration, "steps": _steps_data(recipe, cache)},
-        "llmslim": __version__,
-    })
+    steps_data = _steps_data(recipe, cache)
+    basis = {"recipe": {k: plain.get(k) for k in STEP_KEYS}, "device": device, "model": model,
+             "data": {"calibration": calibration, "steps": steps_data}, "llmslim": __version__}
+    steps = sha256_json(basis)
+    prefixes = tuple(prefix_key(basis, i) for i in range(len(recipe.steps)))
     ppl = recipe.evaluate.perplexity
     evaluation = sha256_json({
         "evaluate": plain.get("evaluate"),
@@ -132,4 +135,13 @@ def run_keys(recipe: Recipe, plain: dict, model_path: Path, device: str, cache: 
         "llmslim": __version__,
     })
     baseline = sha256_json({"model": model, "evaluation": evaluation, "trust_remote_code": recipe.trust_remote_code})
-    return RunKeys(steps=steps, evaluation=evaluation, baseline=baseline)
+    return RunKeys(steps=steps, evaluation=evaluation, baseline=baseline, prefixes=prefixes)
+
+
+def prefix_key(basis: dict, index: int) -> str:
+    """The key of the model after step ``index``: ``basis`` (the steps key's input) with the steps
+    and their data cut after that step; a pure function of the recipe's content."""
+    recipe = dict(basis["recipe"], steps=basis["recipe"]["steps"][: index + 1])
+    data = {"calibration": basis["data"]["calibration"],
+            "steps": {k: v for k, v in basis["data"]["steps"].items() if int(k) <= index}}
+    return sha256_json({**basis, "recipe": recipe, "data": data, "prefix": index})

@@ -4,6 +4,7 @@ report of a failed one, without ever losing the previous good output."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -40,8 +41,10 @@ def write_extras(folder: Path, plain: dict, log: Path, report: Report) -> Report
     return report
 
 
-def publish_output(output: Path, checkpoint: Path, plain: dict, log: Path, report: Report) -> Report:
+def publish_output(output: Path, checkpoint: Path, plain: dict, log: Path, report: Report,
+                   add_files: Callable[[Path], None] | None = None) -> Report:
     """Move the final step's checkpoint into a staging folder, complete it and swap it in.
+    ``add_files(staged)`` puts more files in it first (a search's table and plot); report.json lists them.
 
     On failure the checkpoint goes back to the work folder, so a rerun publishes without recomputing."""
     staged = staging_path(output)
@@ -49,6 +52,8 @@ def publish_output(output: Path, checkpoint: Path, plain: dict, log: Path, repor
         shutil.rmtree(staged)
     checkpoint.rename(staged)
     try:
+        if add_files is not None:
+            add_files(staged)
         report = write_extras(staged, plain, log, report)
         publish(staged, output)
     except BaseException as exc:  # also Ctrl-C: the checkpoint goes back, the previous output stays

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 from llmslim.budgets import check_budgets
 from llmslim.data import hash_token_ids, load_documents, parse_dataset, sample_windows
-from llmslim.errors import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, DiskSpaceError, OutputError, UsageError
+from llmslim.errors import EXIT_BUDGET, EXIT_FAILED, EXIT_OK, DiskSpaceError, UsageError
 from llmslim.evaluate import evaluate_model, model_size_bytes, prepare_eval_windows
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.perplexity import tokenize_text
@@ -23,15 +22,16 @@ from llmslim.modeling import load_model, load_tokenizer, resolve_device, resolve
 from llmslim.modeling import weights_size_bytes
 from llmslim.outcome import publish_output, record_failure
 from llmslim.progress import LOGGER, Progress
-from llmslim.publish import check_free_space, foreign_files, is_llmslim_output, no_space_message, output_problem
+from llmslim.publish import check_free_space, guard_output, no_space_message, output_problem, previous_report
 from llmslim.publish import recover
 from llmslim.recipe.schema import Recipe
-from llmslim.report import Calibration, Metrics, Report, StepRecord, read_report, write_json_atomic
+from llmslim.report import Calibration, Metrics, Report, StepRecord, write_json_atomic
 from llmslim.run_env import environment, interleave_latency, source_info
 from llmslim.steps import StepContext, run_step
-from llmslim.workspace import OutputLock, WorkDir
+from llmslim.workspace import OutputLock, StepStore, WorkDir, run_log
 
-__all__ = ["RunOutcome", "run_recipe", "exit_code_for"]
+__all__ = ["RunOutcome", "run_recipe", "exit_code_for", "Run", "run_steps", "measure_baseline", "step_context",
+           "calibration_windows", "build_report", "invalid_metrics", "error_text", "load_original", "load_input"]
 
 STATUS_EXIT = {"passed": EXIT_OK, "budget_failed": EXIT_BUDGET, "failed": EXIT_FAILED}
 
@@ -55,7 +55,7 @@ def is_follower() -> bool:
 
 
 @dataclass
-class _Run:
+class Run:
     """One run's fixed facts, shared by its phases."""
 
     recipe: Recipe
@@ -66,6 +66,7 @@ class _Run:
     device: torch.device
     model_path: Path
     work: WorkDir
+    store: StepStore
     progress: Progress
     started: datetime
     t0: float
@@ -79,48 +80,13 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _previous_report(output: Path) -> Report | None:
-    if not is_llmslim_output(output):
-        return None
-    try:
-        return read_report(output)
-    except (OSError, ValueError):
-        return None
-
-
-def _guard_output(output: Path, prev: Report | None, name: str, force: bool) -> None:
-    """Replace only llmslim's own outputs: silently when it is this recipe's, otherwise with --force."""
-    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
-        return
-    if not is_llmslim_output(output):
-        raise OutputError(f"output folder {output} exists and was not written by llmslim (no report.json); "
-                          "llmslim never deletes it, even with --force: move it away or choose another output")
-    foreign = foreign_files(output)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise OutputError(f"output folder {output} holds files llmslim did not write ({shown}); "
-                          "move them out of it first, llmslim never deletes them")
-    if prev is not None and prev.name != name and not force:
-        raise OutputError(f"output folder {output} holds the output of recipe {prev.name!r}, not {name!r}; "
-                          "choose another output or pass --force")
-
-
-@contextmanager
-def _run_log(path: Path):
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    LOGGER.addHandler(handler)
-    try:
-        yield
-    finally:
-        LOGGER.removeHandler(handler)
-        handler.close()
-
-
 def run_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None = None) -> RunOutcome:
     """Run ``recipe``; returns its report and the exit code (0, 1 or 3)."""
     progress = progress or Progress(quiet=True)
     output = Path(recipe.output)
+    if recipe.search is not None:
+        raise UsageError(f"recipe {recipe.name!r} has a `search:` block: run it with `llmslim search RECIPE` "
+                         "(or remove the block to run it as one recipe)")
     if is_follower():
         return _follow(recipe, force, progress)
     with OutputLock(output):
@@ -131,26 +97,27 @@ def run_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None
         outcome = _up_to_date(run, prev) if not force else None
         if outcome is not None:
             return outcome
-        _guard_output(output, prev, recipe.name, force)
+        guard_output(output, prev, recipe.name, force)
         run.work.create()
-        with _run_log(run.work.path / "run.log"):
+        with run_log(run.work.path / "run.log"):
             return _execute(run)
 
 
-def _prepare(recipe: Recipe, progress: Progress) -> tuple[_Run, Report | None]:
+def _prepare(recipe: Recipe, progress: Progress) -> tuple[Run, Report | None]:
     output = Path(recipe.output)
-    prev = _previous_report(output)
+    prev = previous_report(output)
     plain = recipe.to_plain()
     model_path = resolve_model_path(recipe.model)
     device = resolve_device(recipe.device)
     digests = DigestCache(known=dict(prev.inputs) if prev else {})
     keys = run_keys(recipe, plain, model_path, str(device), digests)
-    run = _Run(recipe, plain, sha256_json(plain), keys, digests, device, model_path, WorkDir(output, keys.steps),
-               progress, _now(), time.perf_counter())
+    work = WorkDir(output, keys.steps)
+    run = Run(recipe, plain, sha256_json(plain), keys, digests, device, model_path, work,
+               StepStore.for_run(work, len(recipe.steps)), progress, _now(), time.perf_counter())
     return run, prev
 
 
-def _up_to_date(run: _Run, prev: Report | None) -> RunOutcome | None:
+def _up_to_date(run: Run, prev: Report | None) -> RunOutcome | None:
     """The previous output when it is this recipe's, complete and computed from the same inputs; its
     budgets re-checked (and its report rewritten) when only they changed. None: run again."""
     if prev is None or prev.status == "failed" or prev.name != run.recipe.name:
@@ -172,6 +139,7 @@ def _up_to_date(run: _Run, prev: Report | None) -> RunOutcome | None:
         LOGGER.info("%s: up to date; budgets re-checked against the stored metrics: %s", run.recipe.name, status)
     else:
         LOGGER.info("%s: up to date (%s), nothing to do", run.recipe.name, run.output)
+    run.work.remove()  # what a run killed after publishing left (other keys' state is dropped by any run)
     return RunOutcome(prev, exit_code_for(prev.status), up_to_date=True)
 
 
@@ -180,34 +148,34 @@ def _follow(recipe: Recipe, force: bool, progress: Progress) -> RunOutcome:
     run, prev = _prepare(recipe, progress)
     if not force and prev is not None and _same_inputs(run, prev):
         return RunOutcome(None, exit_code_for(prev.status), up_to_date=True)
-    tokenizer, model = _load_input(run)
-    calibration, _ = _calibration(recipe, tokenizer)
-    _run_steps(run, model, tokenizer, _step_context(run, tokenizer, calibration, Progress(quiet=True)), save=False)
+    tokenizer, model = load_input(run)
+    calibration, _ = calibration_windows(recipe, tokenizer)
+    run_steps(run, model, tokenizer, step_context(run, tokenizer, calibration, Progress(quiet=True)), save=False)
     return RunOutcome(None, EXIT_OK)
 
 
-def _same_inputs(run: _Run, prev: Report) -> bool:
+def _same_inputs(run: Run, prev: Report) -> bool:
     return (prev.status != "failed" and prev.fingerprint == run.keys.steps
             and prev.evaluation_fingerprint == run.keys.evaluation and output_problem(run.output) is None)
 
 
-def _load_original(run: _Run):
+def load_original(run: Run):
     recipe = run.recipe
     return load_model(str(run.model_path), recipe.dtype, run.device, trust_remote_code=recipe.trust_remote_code,
                       allow_pickle=recipe.allow_pickle)
 
 
-def _load_input(run: _Run):
+def load_input(run: Run):
     """The recipe's tokenizer and input model, on the run's device."""
-    return load_tokenizer(str(run.model_path), run.recipe.trust_remote_code), _load_original(run)
+    return load_tokenizer(str(run.model_path), run.recipe.trust_remote_code), load_original(run)
 
 
-def _step_context(run: _Run, tokenizer, calibration, progress: Progress) -> StepContext:
+def step_context(run: Run, tokenizer, calibration, progress: Progress) -> StepContext:
     return StepContext(tokenizer=tokenizer, device=run.device, seed=run.recipe.seed, progress=progress,
                        calibration=calibration, model_path=run.model_path, dtype=run.recipe.dtype)
 
 
-def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor | None, Calibration | None]:
+def calibration_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor | None, Calibration | None]:
     cal = recipe.calibration
     if cal is None:
         return None, None
@@ -218,31 +186,31 @@ def _calibration(recipe: Recipe, tokenizer) -> tuple[torch.Tensor | None, Calibr
     return windows, info
 
 
-def _execute(run: _Run) -> RunOutcome:
+def _execute(run: Run) -> RunOutcome:
     recipe, fields = run.recipe, {}
     fields["environment"] = environment(run.device, recipe.model)
     LOGGER.info("%s: loading %s on %s", recipe.name, recipe.model, run.device)
-    tokenizer, model = _load_input(run)
+    tokenizer, model = load_input(run)
     windows = prepare_eval_windows(recipe.evaluate, tokenizer)
-    calibration, fields["calibration"] = _calibration(recipe, tokenizer)
+    calibration, fields["calibration"] = calibration_windows(recipe, tokenizer)
     try:
-        fields["baseline"] = _baseline(run, model, windows)
+        fields["baseline"] = measure_baseline(run, model, windows)
         if fields["baseline"].invalid:  # no point compressing a model that cannot be measured
-            return _finish_failed(run, fields, _invalid_metrics(fields))
-        model, fields["steps"] = _run_steps(run, model, tokenizer, _step_context(run, tokenizer, calibration,
+            return _finish_failed(run, fields, invalid_metrics(fields))
+        model, fields["steps"] = run_steps(run, model, tokenizer, step_context(run, tokenizer, calibration,
                                                                                   run.progress))
-        final_dir = run.work.step_dir(len(recipe.steps) - 1)
+        final_dir = run.store.checkpoint(len(recipe.steps) - 1)
         LOGGER.info("%s: evaluating the result", recipe.name)
         fields["result"] = evaluate_model(model, recipe.evaluate, size_bytes=weights_size_bytes(final_dir),
                                           windows=windows, seed=recipe.seed, progress=run.progress)
         fields["baseline"], fields["result"] = interleave_latency(
-            recipe, run.device, lambda: _load_original(run), model, fields["baseline"], fields["result"])
+            recipe, run.device, lambda: load_original(run), model, fields["baseline"], fields["result"])
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a step or evaluation is reported, exit 1
         LOGGER.error("%s: %s", recipe.name, exc, exc_info=LOGGER.isEnabledFor(logging.DEBUG))
-        return _finish_failed(run, fields, _error_text(exc, run))
-    invalid = _invalid_metrics(fields)
+        return _finish_failed(run, fields, error_text(exc, run))
+    invalid = invalid_metrics(fields)
     if invalid:
         LOGGER.error("%s: %s", recipe.name, invalid)
         return _finish_failed(run, fields, invalid)
@@ -250,7 +218,7 @@ def _execute(run: _Run) -> RunOutcome:
     status = "passed" if all(b.passed for b in fields["budgets"]) else "budget_failed"
     try:
         report = publish_output(run.output, final_dir, run.plain, run.work.path / "run.log",
-                                _report(run, status, fields))
+                                build_report(run, status, fields))
     except DiskSpaceError as exc:
         LOGGER.error("%s: %s", recipe.name, exc)
         return _finish_failed(run, fields, str(exc))
@@ -259,7 +227,7 @@ def _execute(run: _Run) -> RunOutcome:
     return RunOutcome(report, exit_code_for(status))
 
 
-def _error_text(exc: Exception, run: _Run) -> str:
+def error_text(exc: Exception, run: Run) -> str:
     if isinstance(exc, OSError):
         message = no_space_message(exc, run.work.path)
         if message:
@@ -267,7 +235,7 @@ def _error_text(exc: Exception, run: _Run) -> str:
     return str(exc) if isinstance(exc, DiskSpaceError) else f"{type(exc).__name__}: {exc}"
 
 
-def _invalid_metrics(fields: dict) -> str | None:
+def invalid_metrics(fields: dict) -> str | None:
     """Non-finite measurements fail the run; the values themselves are already null."""
     parts = []
     for which in ("baseline", "result"):
@@ -277,7 +245,7 @@ def _invalid_metrics(fields: dict) -> str | None:
     return ("non-finite metric: " + "; ".join(parts)) if parts else None
 
 
-def _baseline(run: _Run, model, windows) -> Metrics:
+def measure_baseline(run: Run, model, windows) -> Metrics:
     name = f"baseline-{run.keys.baseline[:16]}.json"
     cached = run.work.read_json(name)
     if cached is not None:
@@ -291,72 +259,74 @@ def _baseline(run: _Run, model, windows) -> Metrics:
     return metrics
 
 
-def _resume(run: _Run, ctx: StepContext, model, count: int):
+def _resume(run: Run, ctx: StepContext, model, fresh=None):
     """The model after the last completed step whose checkpoint loads, and that step's index (-1: none).
     A checkpoint or record that fails to load is discarded with a warning and recomputed."""
-    done = run.work.last_completed(count)
+    store = run.store
+    done = store.last_completed()
     while done >= 0:
         try:
-            StepRecord.model_validate(run.work.read_json(run.work.record_path(done).name))
-            resumed = load_model(str(run.work.step_dir(done)), run.recipe.dtype, ctx.device)
+            StepRecord.model_validate(store.record(done))
+            resumed = load_model(str(store.checkpoint(done)), run.recipe.dtype, ctx.device)
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is recomputed
             LOGGER.warning("%s: the checkpoint of step %d cannot be loaded (%s); computing it again",
                            run.recipe.name, done + 1, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            run.work.discard_from(done, count)
+            store.discard_from(done)
             done -= 1
             continue
         LOGGER.info("%s: resuming after step %d (%s)", run.recipe.name, done + 1, run.recipe.steps[done].STEP_NAME)
         return resumed, done
-    return model, -1
+    return (fresh() if model is None and fresh is not None else model), -1
 
 
-def _run_steps(run: _Run, model, tokenizer, ctx: StepContext, save: bool = True):
-    steps, work, records = run.recipe.steps, run.work, []
-    model, done = _resume(run, ctx, model, len(steps)) if save else (model, -1)
+def run_steps(run: Run, model, tokenizer, ctx: StepContext, save: bool = True, fresh=None):
+    """Run the recipe's steps after the last stored one; each is checkpointed in ``run.store``.
+    ``model`` None: ``fresh()`` gives the input model when no stored step can be resumed from."""
+    steps, store, records = run.recipe.steps, run.store, []
+    model, done = _resume(run, ctx, model, fresh) if save else (model, -1)
     for index, step in enumerate(steps):
         if index <= done:
-            record = StepRecord.model_validate(run.work.read_json(work.record_path(index).name))
-            records.append(record.model_copy(update={"resumed": True}))
+            records.append(StepRecord.model_validate(store.record(index)).model_copy(update={"resumed": True}))
             continue
         LOGGER.info("%s: step %d/%d %s", run.recipe.name, index + 1, len(steps), step.describe())
         start = time.perf_counter()
-        scratch = work.path / f"step-{index}.scratch"
+        scratch = store.scratch(index)
         if save:
-            scratch.mkdir(exist_ok=True)
+            scratch.mkdir(parents=True, exist_ok=True)
         with PeakMemory(ctx.device) as peak:
             outcome = run_step(model, step, replace(ctx, scratch=scratch))
         record = StepRecord(name=step.STEP_NAME, options=step.model_dump(mode="json"),
                             wall_seconds=time.perf_counter() - start, peak_memory_bytes=peak.peak_bytes,
                             changed=outcome.changed, layers=outcome.layers)
         if save:
-            _save_step(work, index, model, tokenizer, record)
+            _save_step(store, index, model, tokenizer, record)
         records.append(record)
     return model, records
 
 
-def _save_step(work: WorkDir, index: int, model, tokenizer, record: StepRecord) -> None:
+def _save_step(store: StepStore, index: int, model, tokenizer, record: StepRecord) -> None:
     """Checkpoint after a step: written aside, renamed, then its record (the commit mark)."""
     import shutil
 
-    final, tmp = work.step_dir(index), work.path / f".step-{index}.tmp"
+    final, tmp = store.checkpoint(index), store.temporary(index)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     needed = model_size_bytes(model, None) + 50_000_000
-    check_free_space(work.path, needed)
+    check_free_space(store.folder, needed)
     try:
         save_checkpoint(model, tokenizer, tmp)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        message = no_space_message(exc, work.path, needed)
+        message = no_space_message(exc, store.folder, needed)
         if message:
             raise DiskSpaceError(f"saving step {index + 1}: {message}") from None
         raise
     tmp.rename(final)
-    write_json_atomic(work.record_path(index), record.model_dump(mode="json"))
-    shutil.rmtree(work.path / f"step-{index}.scratch", ignore_errors=True)
+    write_json_atomic(store.record_path(index), record.model_dump(mode="json"))
+    shutil.rmtree(store.scratch(index), ignore_errors=True)
 
 
-def _report(run: _Run, status: str, fields: dict, error: str | None = None) -> Report:
+def build_report(run: Run, status: str, fields: dict, error: str | None = None) -> Report:
     finished = _now()
     source = source_info(run.recipe.model)
     recipe = dict(run.plain, source=source) if source else run.plain
@@ -367,8 +337,8 @@ def _report(run: _Run, status: str, fields: dict, error: str | None = None) -> R
                   wall_seconds=time.perf_counter() - run.t0, **fields)
 
 
-def _finish_failed(run: _Run, fields: dict, error: str) -> RunOutcome:
+def _finish_failed(run: Run, fields: dict, error: str) -> RunOutcome:
     """A failed run keeps its work folder (for resume) and never replaces a good output."""
-    report = _report(run, "failed", fields, error)
+    report = build_report(run, "failed", fields, error)
     record_failure(run.output, run.work.path, run.plain, run.work.path / "run.log", report)
     return RunOutcome(report, EXIT_FAILED)

@@ -28,7 +28,7 @@ from pathlib import Path
 from llmslim.errors import DiskSpaceError
 from llmslim.progress import LOGGER
 
-__all__ = ["list_files", "output_problem", "recover", "publish", "staging_path", "foreign_files",
+__all__ = ["guard_output", "previous_report", "list_files", "output_problem", "recover", "publish", "staging_path", "foreign_files",
            "FAILED_REPORT", "fsync_dir", "read_report_json", "is_llmslim_output", "no_space_message", "check_free_space"]
 
 FAILED_REPORT = ".last-failed-report.json"
@@ -174,3 +174,35 @@ def check_free_space(where: Path, needed: int) -> None:
     if free < needed:
         raise DiskSpaceError(f"not enough free space in {probe}: writing needs about {needed / 1e6:,.0f} MB, "
                           f"{free / 1e6:,.0f} MB are free; free space there or choose an output on another disk")
+
+
+def previous_report(output: Path):
+    """The Report in ``output`` when it is a readable llmslim output, else None."""
+    from llmslim.report import read_report
+
+    if not is_llmslim_output(output):
+        return None
+    try:
+        return read_report(output)
+    except (OSError, ValueError):
+        return None
+
+
+def guard_output(output: Path, prev, name: str, force: bool) -> None:
+    """Replace only llmslim's own outputs: silently when it is this recipe's (``prev``: its Report),
+    otherwise with --force."""
+    from llmslim.errors import OutputError
+
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not is_llmslim_output(output):
+        raise OutputError(f"output folder {output} exists and was not written by llmslim (no report.json); "
+                          "llmslim never deletes it, even with --force: move it away or choose another output")
+    foreign = foreign_files(output)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise OutputError(f"output folder {output} holds files llmslim did not write ({shown}); "
+                          "move them out of it first, llmslim never deletes them")
+    if prev is not None and prev.name != name and not force:
+        raise OutputError(f"output folder {output} holds the output of recipe {prev.name!r}, not {name!r}; "
+                          "choose another output or pass --force")

@@ -9,7 +9,8 @@ from llmslim.report import Metrics, Report
 
 NOISY_SPREAD = 0.2  # = llmslim.evaluate.latency.NOISY_SPREAD (not imported: that pulls in torch)
 
-__all__ = ["metrics_table", "report_tables", "compare_table", "summary_table", "plan_table"]
+__all__ = ["metrics_table", "report_tables", "compare_table", "summary_table", "plan_table", "search_table",
+           "leaderboard_table"]
 
 _ROWS = [
     ("perplexity", "perplexity", "{:.3f}"),
@@ -177,4 +178,56 @@ def plan_table(plan) -> Table:
     table.add_row(*_row("weights (MB)", _fmt(plan.weights_bytes, "mb")))
     table.add_row(*_row("estimated peak (MB)", _fmt(plan.estimated_peak_bytes, "mb")))
     table.add_row(*_row("note", plan.note))
+    return table
+
+
+# --- searches and leaderboards -------------------------------------------------------------------------
+
+def search_table(search) -> Table:
+    """The ranked trials of a search (a SearchReport): score, front, what was shared."""
+    from llmslim.search.summary import HEADERS, table_rows
+
+    o = search.objective
+    title = (f"search {search.name}: {search.status}; score = P^{o['perplexity_exponent']} x "
+             f"({o['time_weight']} T + {o['energy_weight']} E), lower is better")
+    table = Table(title=Text(title))
+    for header in HEADERS:
+        table.add_column(header, justify="right" if header not in ("values", "status", "front") else "left")
+    for row in table_rows(search):
+        table.add_row(*_row(*row))
+    notes = [search.objective_note] if search.objective_note else []
+    notes.append(f"steps computed {search.steps_computed}, reused {search.steps_reused}; "
+                 "P, T, E: perplexity, time and energy over the original's")
+    table.caption = Text("\n".join(notes))
+    return table
+
+
+def _leader_rows(label: str, result) -> list[tuple]:
+    """(label, status, baseline, metrics, score) for a run, or for each finished trial of a search."""
+    if getattr(result, "kind", None) == "search":
+        return [(f"{label} #{t.index}" + (" *" if t.selected else ""), t.status, result.baseline, t.metrics, t.score)
+                for t in result.trials if t.metrics is not None]
+    return [(label, result.status, result.baseline, result.result, None)]
+
+
+def leaderboard_table(results: list[tuple[str, object]]) -> Table:
+    """One table over several runs and searches, by perplexity increase (lowest first)."""
+    rows = [r for label, result in results for r in _leader_rows(label, result)]
+
+    def increase(row) -> float:
+        base, metrics = row[2], row[3]
+        if metrics is None or base is None or not base.perplexity or metrics.perplexity is None:
+            return float("inf")
+        return metrics.perplexity / base.perplexity - 1
+
+    table = Table(title="leaderboard (* = a search's selected variant)")
+    for col in ("result", "status", "perplexity", "change", "size MB", "decode tok/s", "energy J/token", "score"):
+        table.add_column(col, justify="left" if col in ("result", "status") else "right")
+    for row in sorted(rows, key=increase):
+        label, status, base, m, score = row
+        change = increase(row)
+        table.add_row(*_row(label, status, _cell(m, "perplexity", "{:.3f}"),
+                            "-" if change == float("inf") else f"{change * 100:+.2f}%",
+                            _cell(m, "size_bytes", "mb"), _cell(m, "decode_tokens_per_s", "{:.1f}"),
+                            _cell(m, "energy_j_per_token", "{:.4g}"), "-" if score is None else f"{score:.4f}"))
     return table

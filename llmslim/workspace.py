@@ -6,6 +6,10 @@ Layout, beside the output folder ``OUT``::
     .OUT.lock                  # held while a run writes OUT: {"pid", "host", "started"}
     .OUT.work/<steps key>/     # step-0/, step-1/ ... checkpoints, baseline-<key>.json, run.log
     .OUT.staging-<pid>/        # the output being assembled, renamed to OUT at the end
+
+A search (``llmslim search``) keeps, in its own ``.OUT.work/``, a step store shared by its
+trials: ``steps/<prefix key>/`` checkpoints with their ``<prefix key>.json`` records, named by
+the fingerprint of the recipe prefix up to that step (:func:`llmslim.fingerprints.prefix_key`).
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmslim.errors import OutputError
 from llmslim.progress import LOGGER
 
-__all__ = ["OutputLock", "WorkDir"]
+__all__ = ["OutputLock", "WorkDir", "StepStore", "run_log"]
 
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
@@ -125,28 +131,6 @@ class WorkDir:
                 shutil.rmtree(stale, ignore_errors=True)  # another fingerprint's state is useless now
         return self
 
-    def step_dir(self, index: int) -> Path:
-        return self.path / f"step-{index}"
-
-    def record_path(self, index: int) -> Path:
-        return self.path / f"step-{index}.json"
-
-    def last_completed(self, count: int) -> int:
-        """Index of the last step whose checkpoint and record are complete, or -1."""
-        last = -1
-        for i in range(count):
-            if self.read_json(self.record_path(i).name) is not None and self.step_dir(i).is_dir():
-                last = i
-            else:
-                break
-        return last
-
-    def discard_from(self, index: int, count: int) -> None:
-        """Forget steps ``index`` .. ``count - 1`` (records first: they are the commit marks)."""
-        for i in range(index, count):
-            self.record_path(i).unlink(missing_ok=True)
-            shutil.rmtree(self.step_dir(i), ignore_errors=True)
-
     def read_json(self, name: str):
         """A JSON file of the work folder, or None when absent or unreadable (a torn write)."""
         path = self.path / name
@@ -160,3 +144,76 @@ class WorkDir:
     def remove(self) -> None:
         if self.root.is_dir() and not self.root.is_symlink():
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class StepStore:
+    """Step checkpoints: ``<name>/`` (the checkpoint), ``<name>.json`` (its record, the commit mark),
+    ``<name>.scratch/`` (a step's resumable scratch) for one name per step of a recipe.
+
+    A run names them ``step-<i>`` inside its work folder (itself keyed by the steps key); a search names
+    them by the prefix keys in a store its trials share."""
+
+    def __init__(self, folder: Path, names: Sequence[str]):
+        self.folder, self.names = Path(folder), list(names)
+
+    @classmethod
+    def for_run(cls, work: WorkDir, count: int) -> StepStore:
+        return cls(work.path, [f"step-{i}" for i in range(count)])
+
+    @classmethod
+    def by_prefix(cls, folder: Path, prefixes: Sequence[str]) -> StepStore:
+        return cls(folder, [key[:16] for key in prefixes])
+
+    def checkpoint(self, index: int) -> Path:
+        return self.folder / self.names[index]
+
+    def record_path(self, index: int) -> Path:
+        return self.folder / f"{self.names[index]}.json"
+
+    def scratch(self, index: int) -> Path:
+        return self.folder / f"{self.names[index]}.scratch"
+
+    def temporary(self, index: int) -> Path:
+        return self.folder / f".{self.names[index]}.tmp"
+
+    def record(self, index: int):
+        return _read_json(self.record_path(index))
+
+    def last_completed(self) -> int:
+        """Index of the last step whose checkpoint and record are complete (all before it too), or -1."""
+        last = -1
+        for i in range(len(self.names)):
+            if self.record(i) is None or not self.checkpoint(i).is_dir():
+                break
+            last = i
+        return last
+
+    def discard_from(self, index: int) -> None:
+        """Forget steps ``index`` .. the last (records first: they are the commit marks)."""
+        for i in range(index, len(self.names)):
+            self.record_path(i).unlink(missing_ok=True)
+            shutil.rmtree(self.checkpoint(i), ignore_errors=True)
+
+
+@contextmanager
+def run_log(path: Path):
+    """Copy llmslim's log lines into ``path`` while the block runs."""
+    import logging
+
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+        handler.close()

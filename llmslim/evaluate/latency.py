@@ -114,7 +114,8 @@ def _one_run(model, prompt: torch.Tensor, new_tokens: int, clock: Clock) -> tupl
 def _max_positions(model) -> int | None:
     from llmslim.families import context_length
 
-    found = context_length(model.config.to_dict())
+    config = model.config
+    found = context_length(config.to_dict() if hasattr(config, "to_dict") else vars(config))
     return found[0] if found else None
 
 

@@ -248,15 +248,18 @@ def _apply_overrides(data: dict, overrides: list[str], output: str | Path | None
     return applied
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), output: str | Path | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), output: str | Path | None = None,
+                edit: typing.Callable[[dict], None] | None = None) -> Recipe:
     """Read, override, validate and resolve one recipe file. Without ``name:`` the name is the
-    file's stem."""
+    file's stem. ``edit`` (a search trial's hook) changes the raw data after the overrides."""
     path = Path(path)
     file = str(path)
     data, lines = parse_yaml(_read_text(path, file), file)
     if not isinstance(data, dict):
         raise RecipeError([RecipeProblem(file, 1, "", "a recipe is a YAML mapping (version, name, model, steps, ...)")])
     applied = _apply_overrides(data, list(overrides), output)
+    if edit is not None:
+        edit(data)
     default_name = path.stem if "name" not in data else None
     if default_name is not None:
         data["name"] = default_name

@@ -26,6 +26,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import model_validator
 
 from llmslim.recipe.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEED, MAX_SEQLEN
 from llmslim.recipe.steps import StepConfig
@@ -38,6 +39,10 @@ __all__ = [
     "LatencyConfig",
     "BudgetsConfig",
     "parse_fraction",
+    "SearchConfig",
+    "SampleConfig",
+    "ObjectiveConfig",
+    "RangeSpec",
 ]
 
 DATASET_KINDS = ("text", "jsonl", "builtin", "hf")
@@ -115,6 +120,59 @@ class BudgetsConfig(Strict):
     max_energy_j_per_token: float | None = Field(None, gt=0)
 
 
+# --- the `search:` block (llmslim search RECIPE) ------------------------------------------------------
+
+MAX_TRIALS = 1000
+SearchValues = Annotated[list, Field(min_length=1, max_length=MAX_TRIALS)]
+
+
+class RangeSpec(Strict):
+    """A sampled numeric range; integers when both ends are integers."""
+
+    low: float | int
+    high: float | int
+    log: bool = Field(False, description="sample uniformly in log space (low > 0)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RangeSpec":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        return self
+
+
+class SampleConfig(Strict):
+    space: dict[str, SearchValues | RangeSpec] = Field(min_length=1)
+    trials: int = Field(gt=0, le=MAX_TRIALS)
+    sampler: Literal["random", "tpe"] = "random"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+class ObjectiveConfig(Strict):
+    """score = P^perplexity_exponent * (time_weight * T + energy_weight * E), each relative to the original."""
+
+    perplexity_exponent: float = Field(1.5, ge=0, le=100)
+    time: Literal["decode", "prefill", "total"] = Field("decode", description="which measured latency is T")
+    time_weight: float = Field(1.0, ge=0, description="alpha")
+    energy_weight: float = Field(0.0, ge=0, description="beta")
+    energy: Literal["required", "optional"] = Field(
+        "required", description="optional: with no energy counter, the objective uses time only")
+
+
+class SearchConfig(Strict):
+    grid: dict[str, SearchValues] | None = Field(None, min_length=1, description="every combination")
+    sample: SampleConfig | None = None
+    objective: ObjectiveConfig = ObjectiveConfig()
+    select: Literal["best", "pareto"] = "best"
+
+    @model_validator(mode="after")
+    def _one_space(self) -> "SearchConfig":
+        if (self.grid is None) == (self.sample is None):
+            raise ValueError("give exactly one of grid: (every combination) or sample: (random or tpe trials)")
+        return self
+
+
 class Recipe(Strict):
     """A compression recipe, as resolved (paths absolute, defaults filled)."""
 
@@ -131,6 +189,7 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     output: str = Field(min_length=1)
+    search: SearchConfig | None = Field(None, description="variants for `llmslim search`")
 
     def steps_as_yaml(self) -> list[dict]:
         """The steps in recipe form: one single-key mapping each."""
@@ -140,4 +199,6 @@ class Recipe(Strict):
         """The whole recipe as plain data, steps in recipe form."""
         data = self.model_dump(mode="json")
         data["steps"] = self.steps_as_yaml()
+        if data.get("search") is None:
+            data.pop("search", None)
         return data
