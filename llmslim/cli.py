@@ -98,6 +98,8 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     """Compress Hugging Face causal LMs from YAML recipes."""
 
 
+FORCE_HELP = ("Start clean (discard resumable steps and the cached baseline) and replace an llmslim output of "
+              "another recipe; never a folder llmslim did not write.")
 RecipesArg = Annotated[list[Path], typer.Argument(help="Recipe YAML files.", show_default=False)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a field: key.path=value (repeatable).")]
 
@@ -108,7 +110,7 @@ def run(
     output: Annotated[Optional[Path], typer.Option(help="Output folder (overrides the recipe's).")] = None,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; load no weights.")] = False,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output and redo finished work.")] = False,
+    force: Annotated[bool, typer.Option(help=FORCE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the final report(s) as JSON on stdout.")] = False,
 ) -> None:
