@@ -29,6 +29,7 @@ from pathlib import Path
 from llmslim import __version__
 from llmslim.data import parse_dataset
 from llmslim.recipe.schema import Recipe
+from llmslim.recipe.steps import step_inputs
 
 __all__ = ["DigestCache", "RunKeys", "run_keys", "prefix_key", "sha256_json", "file_sha256"]
 
@@ -104,15 +105,10 @@ def _steps_data(recipe: Recipe, cache: DigestCache) -> dict:
 
     data = {}
     for i, step in enumerate(recipe.steps):
-        entry = {}
-        for key in ("dataset", "eval_dataset"):
-            spec = getattr(step, key, None)
-            if spec:
-                entry[key] = cache.dataset(spec)
-        teacher = getattr(step, "teacher", None)
-        if teacher and teacher != "original":
-            entry["teacher"] = _model_digest(teacher, resolve_model_path(teacher), cache)
-        if entry:
+        datasets, teachers = step_inputs(step)
+        entry = {"datasets": [cache.dataset(spec) for spec in datasets],
+                 "teachers": [_model_digest(t, resolve_model_path(t), cache) for t in teachers]}
+        if datasets or teachers:
             data[str(i)] = entry
     return data
 

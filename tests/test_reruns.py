@@ -189,3 +189,22 @@ def test_sigterm_during_distillation_exits_143_and_resumes(local_model, recipe_w
     again = invoke("run", recipe)
     assert again.exit_code == 0, again.output
     assert _report(workdir)["steps"][0]["changed"]["resumed_from_step"] == 3
+
+
+def test_the_text_behind_a_recover_block_is_in_the_fingerprint(local_model, recipe_writer, workdir):
+    from llmslim.fingerprints import DigestCache, run_keys
+    from llmslim.recipe import load_recipe
+
+    (workdir / "data" / "recover.txt").write_text("Some text to recover with.\n\n" * 20)
+    steps = ("  - sparsify: {method: magnitude, sparsity: 0.5, rounds: 2, "
+             "recover: {dataset: text:./data/recover.txt, tokens: 64, seqlen: 16, batch_size: 2}}")
+    recipe = load_recipe(recipe_writer(local_model, steps=steps))
+
+    def key():
+        return run_keys(recipe, recipe.to_plain(), local_model, "cpu", DigestCache()).steps
+
+    before = key()
+    (workdir / "data" / "recover.txt").write_text("Other text.\n\n" * 20)
+    assert key() != before
+    clash = recipe_writer(local_model, steps=steps, output="./data/recover.txt")
+    assert "the dataset of step 1" in " ".join(invoke("validate", clash).output.split())

@@ -17,6 +17,9 @@ distributions on windows of a text dataset (data order: :mod:`.data`).
   ``scratch/distill-state.pt``; a new run with the same config, seed, data and
   student shapes resumes from it and ends with the weights an uninterrupted
   run would have.
+* Sparsity: with ``keep_zeros`` (a model a ``sparsify`` step made sparse)
+  the exact zeros of the decoder layers' linear weights are a fixed mask,
+  re-applied after every optimizer step, so they are exactly 0 at the end.
 * Data parallel: when torch.distributed is initialised with more than one
   rank the student is wrapped in DDP (default) or sharded with FSDP (FSDP2's
   ``fully_shard`` on each decoder layer and the root, on a copy of the student
@@ -69,11 +72,13 @@ class Distiller:
     def __init__(self, student: nn.Module, config: DistillConfig, data: DistillData, *,
                  teacher: nn.Module | None = None, device: torch.device | str = "cpu", seed: int = 0,
                  scratch: Path | None = None, progress=None,
-                 callback: Callable[[int, Distiller], None] | None = None):
+                 callback: Callable[[int, Distiller], None] | None = None, keep_zeros: bool = False):
         self.student, self.config, self.data, self.teacher = student, config, data, teacher
         self.device, self.seed = torch.device(device), seed
         self.scratch = Path(scratch) if scratch is not None else None
         self.progress, self.callback = progress, callback
+        self.keep_zeros = keep_zeros
+        self._zero_masks: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.rank, self.world_size = world()
         self.parallel = config.parallel if self.world_size > 1 else None
         self.weights = config.loss_weights
@@ -109,6 +114,9 @@ class Distiller:
             if cfg.hidden_states > 0 and s_emb.weight.shape[1] != t_emb.weight.shape[1]:
                 raise StepError("distill", f"hidden_states needs equal widths; the student's is "
                                            f"{s_emb.weight.shape[1]}, the teacher's {t_emb.weight.shape[1]}")
+        if self.keep_zeros and self.parallel == "fsdp":
+            raise StepError("distill", "keeping a sparse model's zeros fixed is unsupported with parallel: fsdp; "
+                                       "use parallel: ddp")
         if cfg.grad_checkpointing and not getattr(self.student, "supports_gradient_checkpointing", False):
             raise StepError("distill", f"{type(self.student).__name__} does not support gradient checkpointing")
 
@@ -227,6 +235,24 @@ class Distiller:
         else:
             optimizer.load_state_dict(state["optimizer"])
 
+    # -- sparsity masks -------------------------------------------------------------------------------------------
+
+    def _sparsity_masks(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(weight, its exact zeros) of every decoder-layer linear that has zeros."""
+        from llmslim.modeling import find_linears
+
+        masks = []
+        for module in find_linears(decoder_layers(self.student)).values():
+            zeros = module.weight.data == 0
+            if bool(zeros.any()):
+                masks.append((module.weight, zeros))
+        return masks
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
+        for weight, zeros in self._zero_masks:
+            weight.data.masked_fill_(zeros, 0.0)
+
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -308,6 +334,7 @@ class Distiller:
         for p in student.parameters():
             p.data = p.data.float()
             p.requires_grad_(True)
+        self._zero_masks = self._sparsity_masks() if self.keep_zeros else []
         identity = self._identity()
         state = self._read_state(identity)
         self._check_same_start(state)
@@ -354,6 +381,7 @@ class Distiller:
                 p.data = p.data.to(dtypes[name])
                 p.requires_grad_(flags[name])
                 p.grad = None
+            self._zero_masks = []
         LOGGER.info("distill: perplexity %.4f -> %.4f after %d tokens", pos.perplexity_before, after, pos.tokens)
         return DistillResult(
             steps=self.total, tokens=pos.tokens, wall_seconds=pos.wall_seconds + time.perf_counter() - t_start,
@@ -399,6 +427,7 @@ class Distiller:
                     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
                     extra["grad_norm"] = scalar(norm)  # before clipping
                 optimizer.step()
+                self._apply_masks()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 reduced = torch.tensor([sums[k] for k in terms] + [float(self._stop)], dtype=torch.float64,

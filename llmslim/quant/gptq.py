@@ -134,12 +134,16 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float
 
 def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: int, block: int,
                      scales: torch.Tensor, zeros: torch.Tensor, col_group: list[int],
-                     dynamic: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+                     dynamic: torch.Tensor | None,
+                     pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The lazy-batch GPTQ loop over the columns of ``W [N, K]`` (in place).
 
     ``col_group[j]`` is the row of ``scales``/``zeros`` (``[G, N]``) used by
     column ``j``; with ``dynamic`` (the Hessian diagonal in quantization order)
     those rows are filled here, from the current weights, when a group starts.
+    ``pruned`` ``[N, K]`` (quantization order) marks weights that must stay exactly 0: they get
+    the code of their zero point (which dequantizes to exactly 0, symmetric or not), are left out
+    of the group grids, and their error is spread like any other.
     Returns ``(codes [N, K] uint8, loss)``.
     """
     n, k = W.shape
@@ -158,11 +162,15 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
                 # it (see _effective_block): read its current weights from the working copy
                 end = min(j + gs, k)
                 current = W1[:, i:end - i1] if end <= i2 else W[:, j:end]
+                if pruned is not None:
+                    current = current.masked_fill(pruned[:, j:end], 0.0)
                 s, z = find_params(current, spec, dynamic[j:end])
                 scales[j // gs], zeros[j // gs] = s[:, 0], z[:, 0]
             s, z = scales[col_group[j]], zeros[col_group[j]]            # [N]
             w, d = W1[:, i], Hinv1[i, i]
             q = quantize(w, s, z, spec.maxq)
+            if pruned is not None:
+                q = torch.where(pruned[:, j], z, q)                     # code z: exactly 0
             codes[:, j] = q.to(torch.uint8)
             diff = w - dequantize(q, s, z)                              # [N]
             loss += diff.square().sum() / (2 * d * d)
@@ -175,7 +183,8 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
                          damp: float = 0.01, act_order: bool = False,
-                         static_groups: bool = False) -> tuple[QuantizedWeight, GPTQStats]:
+                         static_groups: bool = False,
+                         pruned: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``W [N, K]`` with GPTQ, given the Hessian ``H [K, K]`` of its inputs.
 
     * ``act_order`` quantizes columns by decreasing ``diag(H)``. Without
@@ -188,6 +197,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
       with ``act_order``; a partial last group is the tail of the natural order.
     * ``damp`` is the dampening fraction of ``mean(diag H)`` added to the
       diagonal; it is raised automatically when the factorisation fails.
+    * ``pruned`` (bool ``[N, K]``, e.g. a ``sparsify`` step's zeros) marks
+      weights that stay exactly 0 after quantization; GPTQ does not fill them in.
 
     ``W`` and ``H`` are not modified. Everything is computed in fp32 on ``W``'s device.
     """
@@ -199,6 +210,11 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     dead = H.diagonal() == 0                                            # [K]
     H.diagonal()[dead] = 1.0
     W[:, dead] = 0.0
+    if pruned is not None:
+        if tuple(pruned.shape) != (n, k):
+            raise ValueError(f"the pruned mask has shape {tuple(pruned.shape)}, expected ({n}, {k})")
+        pruned = pruned.to(device=W.device, dtype=torch.bool)
+        W = W.masked_fill(pruned, 0.0)
     per_channel = groups == 1
     static = static_groups and not per_channel
     if static:
@@ -210,6 +226,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else natural
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
+        pruned = pruned[:, perm] if pruned is not None else None
     if per_channel:
         s, z = find_params(W, spec, H.diagonal())
         scales[0], zeros[0] = s[:, 0], z[:, 0]
@@ -221,7 +238,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     col_group = torch.zeros_like(natural) if per_channel else (perm if static else natural) // gs   # [K]
     block = _effective_block(block_size, gs, k)
     codes, loss = _quantize_blocks(W, Hinv, spec, gs, block, scales, zeros, col_group.tolist(),
-                                   dynamic=hdiag if not static and not per_channel else None)
+                                   dynamic=hdiag if not static and not per_channel else None, pruned=pruned)
     g_idx = torch.empty_like(col_group)
     g_idx[perm] = col_group                                             # back to natural column order
     natural_codes = torch.empty_like(codes)

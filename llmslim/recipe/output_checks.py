@@ -12,6 +12,7 @@ from typing import Callable
 
 from llmslim.data import parse_dataset
 from llmslim.recipe.schema import Recipe
+from llmslim.recipe.steps import step_inputs
 
 __all__ = ["check_output_path", "protected_inputs"]
 
@@ -30,11 +31,9 @@ def protected_inputs(recipe: Recipe, recipe_dir: Path) -> list[tuple[str, Path, 
     if recipe.evaluate.perplexity is not None:
         specs.append(("the evaluation dataset", recipe.evaluate.perplexity.dataset))
     for i, step in enumerate(recipe.steps):
-        for key in ("dataset", "eval_dataset"):
-            specs.append((f"the dataset of step {i + 1}", getattr(step, key, None)))
-        teacher = getattr(step, "teacher", None)
-        if teacher and teacher != "original" and Path(teacher).is_absolute():
-            found.append((f"the teacher of step {i + 1}", Path(teacher).resolve(), True))
+        datasets, teachers = step_inputs(step)
+        specs += [(f"the dataset of step {i + 1}", spec) for spec in datasets]
+        found += [(f"the teacher of step {i + 1}", Path(t).resolve(), True) for t in teachers if Path(t).is_absolute()]
     for what, spec in specs:
         if spec:
             ds = parse_dataset(spec)

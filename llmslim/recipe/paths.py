@@ -110,16 +110,24 @@ def _resolve_distill(recipe: Recipe, base_dir: Path, add: Callable) -> list:
     """Steps with the distill steps' datasets and teacher folder made absolute (and checked)."""
     steps = list(recipe.steps)
     for i, step in enumerate(steps):
+        # sparsify/prune schedules: their `recover:` block is a distill config (issue 14)
+        if getattr(step, "recover", None) is not None:
+            recover = _resolve_distill_config(step.recover, ("steps", i, step.STEP_NAME, "recover"), base_dir, add)
+            steps[i] = step = step.model_copy(update={"recover": recover})
         if step.STEP_NAME != "distill":
             continue
-        loc = ("steps", i, "distill")
-        update = {"dataset": _resolve_dataset(step.dataset, base_dir, loc + ("dataset",), add)}
-        if step.eval_dataset is not None:
-            update["eval_dataset"] = _resolve_dataset(step.eval_dataset, base_dir, loc + ("eval_dataset",), add)
-        if step.teacher != "original":
-            update["teacher"] = _resolve_model_ref(step.teacher, base_dir, loc + ("teacher",), "teacher", add)
-        steps[i] = step.model_copy(update=update)
+        steps[i] = _resolve_distill_config(step, ("steps", i, "distill"), base_dir, add)
     return steps
+
+
+def _resolve_distill_config(step, loc: tuple, base_dir: Path, add: Callable):
+    """A distill config with its datasets and teacher folder made absolute (and checked)."""
+    update = {"dataset": _resolve_dataset(step.dataset, base_dir, loc + ("dataset",), add)}
+    if step.eval_dataset is not None:
+        update["eval_dataset"] = _resolve_dataset(step.eval_dataset, base_dir, loc + ("eval_dataset",), add)
+    if step.teacher != "original":
+        update["teacher"] = _resolve_model_ref(step.teacher, base_dir, loc + ("teacher",), "teacher", add)
+    return step.model_copy(update=update)
 
 
 def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:

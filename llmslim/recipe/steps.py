@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llmslim.recipe.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEQLEN, MAX_TOKENS
 
-__all__ = ["StepConfig", "RtnConfig", "GptqConfig", "PruneConfig", "KeepCount", "DistillConfig", "STEP_CONFIGS"]
+__all__ = ["step_inputs", "StepConfig", "RtnConfig", "GptqConfig", "PruneConfig", "KeepCount", "DistillConfig", "SparsifyConfig",
+           "STEP_CONFIGS"]
 
 DEFAULT_IGNORE = ["lm_head"]
 PACKABLE_BITS = (2, 3, 4, 8)
@@ -181,6 +182,22 @@ def _layers_target(value: object) -> object:
     return value
 
 
+# -- iterative schedules (prune, sparsify): remove in rounds, distil between them -----------------------------------
+
+MAX_ROUNDS = 100
+_ROUNDS_HELP = ("remove the target in this many equal rounds (1/rounds of it each, of the original sizes), "
+                "recovering with `recover` after each round")
+_RECOVER_HELP = ("distill options (as the distill step's) run after every round, teacher: original by default; "
+                 "`tokens` is the budget of each round")
+
+
+def _check_rounds(config):
+    if config.rounds > 1 and config.recover is None:
+        raise ValueError(f"rounds: {config.rounds} needs a `recover:` distill block (the recovery between rounds); "
+                         "without recovery use rounds: 1")
+    return config
+
+
 class PruneConfig(StepConfig):
     """Structured pruning: remove whole attention heads, MLP channels and
     decoder layers. Every layer keeps the same shape, so the result is a plain,
@@ -213,6 +230,8 @@ class PruneConfig(StepConfig):
         "activation", description="activation: calibration activations; magnitude: weight norms; "
         "taylor: |w * dL/dw| on calibration batches")
     round_to: int = Field(8, ge=1, le=MAX_SEQLEN, strict=True, description="kept MLP sizes are multiples of this")
+    rounds: int = Field(1, ge=1, le=MAX_ROUNDS, strict=True, description=_ROUNDS_HELP)
+    recover: "DistillConfig | None" = Field(None, description=_RECOVER_HELP)
 
     _width = field_validator("heads", "mlp", mode="before")(_width_target)
     _depth = field_validator("layers", mode="before")(_layers_target)
@@ -222,7 +241,7 @@ class PruneConfig(StepConfig):
         if isinstance(self.mlp, KeepCount) and self.mlp.keep % self.round_to:
             raise ValueError(f"mlp: keep {self.mlp.keep} is not a multiple of round_to {self.round_to}; "
                              "change it or set round_to: 1")
-        return self
+        return _check_rounds(self)
 
 
 LOSS_KINDS = ("kl", "reverse_kl", "ce")
@@ -349,9 +368,91 @@ class DistillConfig(StepConfig):
         return -(-self.tokens // per_step)
 
 
+def _pattern_spec(value: str | None) -> str | None:
+    if value is None:
+        return value
+    from llmslim.sparse.pattern import parse_pattern  # torch-free
+
+    n, m = parse_pattern(value)
+    return f"{n}:{m}"
+
+
+class SparsifyConfig(StepConfig):
+    """Per-weight pruning inside the linears of the decoder layers, through the
+    shared layer-by-layer calibration loop: ``sparsity`` (the fraction of each
+    output row's weights set to 0) or an N:M ``pattern`` (at most N nonzero
+    weights in every M consecutive inputs, e.g. 2:4 for NVIDIA's sparse tensor
+    cores). The checkpoint stays dense: dense kernels run it no faster.
+
+    Sample YAML::
+
+        steps:
+          - sparsify:
+              method: wanda        # wanda | sparsegpt | magnitude | taylor
+              sparsity: 0.5        # or pattern: "2:4"
+              ignore: ["lm_head"]
+              rounds: 1            # > 1: reach the target in rounds, with `recover:` after each
+              recover: {dataset: text:./data/train.txt, tokens: 200_000}
+    """
+
+    STEP_NAME: ClassVar[str] = "sparsify"
+    NEEDS_CALIBRATION: ClassVar[bool] = True
+
+    method: Literal["wanda", "sparsegpt", "magnitude", "taylor"] = Field(
+        "wanda", description="wanda: |W|·||x||; sparsegpt: OBS removal with weight update from the Hessian; "
+        "magnitude: |W|; taylor: |W·dL/dW| on calibration batches")
+    sparsity: float | None = Field(None, ge=0, lt=1, description="fraction of every output row's weights removed")
+    pattern: str | None = Field(None, description="N:M, e.g. \"2:4\": N weights kept in every M consecutive inputs")
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE),
+                              description="module-name patterns (fnmatch) left dense")
+    damp: float = Field(0.01, gt=0, lt=1, description="sparsegpt: fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, ge=1, le=MAX_SEQLEN, description="sparsegpt: columns updated lazily together")
+    rounds: int = Field(1, ge=1, le=MAX_ROUNDS, strict=True, description=_ROUNDS_HELP)
+    recover: DistillConfig | None = Field(None, description=_RECOVER_HELP)
+
+    _pattern = field_validator("pattern")(_pattern_spec)
+
+    @model_validator(mode="after")
+    def _target(self) -> "SparsifyConfig":
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of `sparsity` (a fraction such as 0.5) and `pattern` (N:M such as "
+                             "\"2:4\")")
+        return _check_rounds(self)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of weights removed: ``sparsity``, or ``1 - N/M``."""
+        nm = self.nm
+        return self.sparsity if nm is None else 1 - nm[0] / nm[1]
+
+
+PruneConfig.model_rebuild()
+
 STEP_CONFIGS: dict[str, type[StepConfig]] = {
     RtnConfig.STEP_NAME: RtnConfig,
     GptqConfig.STEP_NAME: GptqConfig,
     PruneConfig.STEP_NAME: PruneConfig,
     DistillConfig.STEP_NAME: DistillConfig,
+    SparsifyConfig.STEP_NAME: SparsifyConfig,
 }
+
+
+def step_inputs(step: StepConfig) -> tuple[list[str], list[str]]:
+    """(dataset specs, teacher refs other than ``original``) that a step reads, its ``recover:``
+    distillation block included: what fingerprints hash and what an output may never overwrite."""
+    datasets, teachers = [], []
+    for config in (step, getattr(step, "recover", None)):
+        if config is None:
+            continue
+        datasets += [spec for spec in (getattr(config, "dataset", None), getattr(config, "eval_dataset", None)) if spec]
+        teacher = getattr(config, "teacher", None)
+        if teacher and teacher != "original":
+            teachers.append(teacher)
+    return datasets, teachers

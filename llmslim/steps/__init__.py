@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import torch
 
-from llmslim.recipe.steps import DistillConfig, GptqConfig, PruneConfig, RtnConfig, StepConfig
+from llmslim.recipe.steps import DistillConfig, GptqConfig, PruneConfig, RtnConfig, SparsifyConfig, StepConfig
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.distill import apply_distill
 from llmslim.steps.gptq import apply_gptq
-from llmslim.steps.prune import apply_prune
+from llmslim.steps.rounds import apply_prune_scheduled
 from llmslim.steps.rtn import apply_rtn
+from llmslim.steps.sparsify import apply_sparsify
 
 __all__ = ["StepContext", "StepOutcome", "HANDLERS", "run_step"]
 
@@ -26,8 +27,9 @@ Handler = Callable[[torch.nn.Module, StepConfig, StepContext], StepOutcome]
 HANDLERS: dict[type[StepConfig], Handler] = {
     RtnConfig: apply_rtn,
     GptqConfig: apply_gptq,
-    PruneConfig: apply_prune,
+    PruneConfig: apply_prune_scheduled,   # one shot, or in rounds with recovery (llmslim/steps/rounds.py)
     DistillConfig: apply_distill,
+    SparsifyConfig: apply_sparsify,
 }
 
 

@@ -21,6 +21,7 @@ from llmslim.errors import StepError
 from llmslim.modeling import load_model
 from llmslim.progress import LOGGER
 from llmslim.recipe.steps import DistillConfig
+from llmslim.sparse.masks import SPARSITY_MARKER
 from llmslim.steps.base import StepContext, StepOutcome
 
 __all__ = ["apply_distill", "load_teacher"]
@@ -50,7 +51,8 @@ def apply_distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> 
                 data.eval_source)
     try:
         result = Distiller(model, config, data, teacher=teacher, device=ctx.device, seed=ctx.seed,
-                           scratch=ctx.scratch, progress=ctx.progress).run()
+                           scratch=ctx.scratch, progress=ctx.progress,
+                           keep_zeros=bool(getattr(model.config, SPARSITY_MARKER, None))).run()
     finally:
         del teacher
         gc.collect()
@@ -59,4 +61,6 @@ def apply_distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> 
     changed = result.summary()
     changed["teacher"] = "original" if config.teacher == "original" else config.teacher
     changed["loss_weights"] = config.loss_weights
+    if getattr(model.config, SPARSITY_MARKER, None):
+        changed["sparsity_kept"] = "the zeros of the earlier sparsify step stay fixed (re-applied after every step)"
     return StepOutcome(changed=changed)

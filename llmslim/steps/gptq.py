@@ -13,10 +13,11 @@ from llmslim.calibration import PhaseTimes, sequential_calibrate
 from llmslim.errors import StepError
 from llmslim.modeling import linear_weight, set_linear_weight
 from llmslim.quant import accumulate_hessian, gptq_quantize_weight, make_empty_hessian
+from llmslim.sparse.masks import SPARSITY_MARKER
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
-__all__ = ["apply_gptq", "GPTQCompressor", "relative_output_error", "with_kernels"]
+__all__ = ["apply_gptq", "GPTQCompressor", "HessianStore", "relative_output_error", "with_kernels"]
 
 
 def with_kernels(model: nn.Module, stats: list[dict]) -> list[dict]:
@@ -37,23 +38,17 @@ def relative_output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> 
     return (num.clamp_min(0) / den.clamp_min(1e-30)).sqrt().item()
 
 
-class GPTQCompressor:
-    """Collects each linear's Hessian and quantizes it with GPTQ. Linears fed
-    by the same tensor (q/k/v, gate/up) share one Hessian: it is accumulated
-    once."""
+class HessianStore:
+    """Each linear's Hessian ``2XᵀX/n`` from its calibration inputs. Linears fed by the same tensor
+    (q/k/v, gate/up) share one Hessian: it is accumulated once. Shared by ``gptq`` and ``sparsify``."""
 
-    def __init__(self, config, device: torch.device):
-        self.config, self.device = config, device
-        self.spec = spec_from_config(config)
+    def __init__(self, step: str, device: torch.device):
+        self.step, self.device = step, device
         self.hessians: dict[str, tuple[torch.Tensor, int]] = {}   # keyed by the first linear of an input
         self.owner: dict[str, str] = {}                            # linear -> key of its Hessian
         self._last: tuple[torch.Tensor | None, str] = (None, "")   # the input seen last, and its key
-        self.results: dict[str, tuple[Any, torch.Tensor | None]] = {}
 
-    def select(self, layer_index: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        return linears
-
-    def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+    def collect(self, name: str, x: torch.Tensor) -> None:
         last_x, last_key = self._last
         if x is last_x and last_key != name:  # the very tensor the previous linear saw
             self.owner[name] = last_key
@@ -65,11 +60,11 @@ class GPTQCompressor:
         self.hessians[name] = accumulate_hessian(h, n, x.to(self.device))
         self._last = (x, name)
 
-    def _take_hessian(self, name: str) -> torch.Tensor:
+    def take(self, name: str) -> torch.Tensor:
         """The Hessian of ``name``, dropped once no other linear still needs it."""
         if name not in self.owner:
-            raise StepError("gptq", f"{name} received no calibration input (is it used by the forward pass?); "
-                                    "add it to `ignore` to leave it in full precision")
+            raise StepError(self.step, f"{name} received no calibration input (is it used by the forward pass?); "
+                                       "add it to `ignore` to leave it as it is")
         key = self.owner.pop(name)
         h = self.hessians[key][0]
         if key not in self.owner.values():
@@ -77,14 +72,36 @@ class GPTQCompressor:
         self._last = (None, "")
         return h
 
+
+class GPTQCompressor:
+    """Collects each linear's Hessian and quantizes it with GPTQ. With ``keep_zeros`` (a model
+    sparsified earlier) the exact zeros of every weight stay exactly 0."""
+
+    def __init__(self, config, device: torch.device, keep_zeros: bool = False):
+        self.config, self.device, self.keep_zeros = config, device, keep_zeros
+        self.spec = spec_from_config(config)
+        self.store = HessianStore("gptq", device)
+        self.results: dict[str, tuple[Any, torch.Tensor | None]] = {}
+
+    @property
+    def hessians(self) -> dict[str, tuple[torch.Tensor, int]]:
+        return self.store.hessians
+
+    def select(self, layer_index: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        return linears
+
+    def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        self.store.collect(name, x)
+
     def compress(self, layer_index: int, name: str, module: nn.Module) -> dict[str, Any]:
         cfg = self.config
-        h = self._take_hessian(name)
+        h = self.store.take(name)
         w = linear_weight(module).to(self.device, torch.float32, copy=True)  # the module is overwritten below
         start = time.perf_counter()
         try:
             qw, stats = gptq_quantize_weight(w, h, self.spec, block_size=cfg.block_size, damp=cfg.damp,
-                                             act_order=cfg.act_order, static_groups=cfg.use_static_groups)
+                                             act_order=cfg.act_order, static_groups=cfg.use_static_groups,
+                                             pruned=(w == 0) if self.keep_zeros else None)
         except ValueError as exc:
             raise StepError("gptq", f"{name}: {exc}") from None
         seconds = time.perf_counter() - start
@@ -98,7 +115,7 @@ class GPTQCompressor:
 def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
     if ctx.calibration is None:
         raise StepError("gptq", "needs calibration data")
-    compressor = GPTQCompressor(config, ctx.device)
+    compressor = GPTQCompressor(config, ctx.device, keep_zeros=bool(getattr(model.config, SPARSITY_MARKER, None)))
     start, times = time.perf_counter(), PhaseTimes()
     stats = sequential_calibrate(model, ctx.calibration, compressor, device=ctx.device, ignore=config.ignore,
                                  true_sequential=config.true_sequential, progress=ctx.progress, label="gptq",
@@ -110,6 +127,8 @@ def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
                "bits": config.bits, "group_size": config.group_size, "format": config.format,
                "calibration_seconds": round(time.perf_counter() - start, 3),
                "phase_seconds": times.summary()}
+    if compressor.keep_zeros:
+        changed["sparsity_kept"] = "the zeros of the earlier sparsify step stay exactly 0 (masked in GPTQ's update)"
     install_if_packed(model, compressor.results, config, desc_act=config.act_order and not config.use_static_groups,
                       true_sequential=config.true_sequential, damp=config.damp,
                       static_groups=config.use_static_groups, method="gptq")
