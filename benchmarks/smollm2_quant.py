@@ -1,0 +1,161 @@
+"""GPTQ vs RTN, and GPTQModel side by side, on SmolLM2-135M-Instruct (``make bench-smollm2-quant``).
+
+Protocol in ``smollm2_tier.py``. Rows, in priority order (each written to
+``benchmarks/results/smollm2-quant.json`` as soon as it is measured; rows already
+there are skipped):
+
+1. the baseline, then llmslim's RTN and GPTQ with default options at W4 g128,
+   W3 g128, W2 g128 and W3 per-channel, with quantization wall time;
+2. with ``--peer-python`` (a venv with gptqmodel + optimum, see
+   ``../shared/notes/peers-cpu.md``): GPTQModel at W4 g128 and W3 g128 on the
+   same calibration windows, its wall time, its checkpoint evaluated through
+   llmslim's loader and evaluation (the same path as llmslim's rows); and the
+   interop check: llmslim's W4 g128 checkpoint loaded in stock transformers
+   (gptqmodel ``gptq_torch`` backend: 576 is not a multiple of 128, so the last
+   group is partial) against llmslim's own loader, on ``--interop-windows``
+   windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from smollm2_tier import BASELINE_NOTE, CALIB_SAMPLES, CALIB_SEQLEN, Rows, Timer, machine, model_folder_or_skip, ppl, windows
+
+from common import saved_size, torch
+
+COLUMNS = ["method", "bits", "group", "calibration", "ppl", "increase_%", "size_MB", "quant_s", "eval_path",
+           "loadavg_1m", "torch_threads"]
+HERE = Path(__file__).resolve().parent
+KEEP = HERE / ".cache" / "smollm2-tier"
+
+
+def quantize_row(folder, ctx, config, eval_ids, base_ppl, tmp: Path) -> dict:
+    from llmslim.modeling import load_model
+    from llmslim.steps import run_step
+
+    model = load_model(str(folder), "float32", "cpu")
+    env = machine()
+    with Timer() as timer:
+        run_step(model, config, ctx)
+    value = ppl(model, eval_ids)
+    keep = (config.STEP_NAME, config.bits, config.group_size) == ("gptq", 4, 128)
+    target = KEEP / "gptq-w4-g128" if keep else tmp / f"{config.STEP_NAME}-{config.bits}-{config.group_size}"
+    size = saved_size(model, ctx.tokenizer, target)
+    return {"method": f"llmslim {config.STEP_NAME}", "bits": config.bits, "group": config.group_size,
+            "ppl": round(value, 3), "increase_%": round(100 * (value / base_ppl - 1), 2),
+            "size_MB": round(size / 1e6, 1), "quant_s": round(timer.seconds, 1), "eval_path": "llmslim", **env}
+
+
+def peer(python: str, *args) -> None:
+    # gptqmodel 7.7.0 on a 2-core machine derives 1 CPU worker and then refuses its own loader pool of 2
+    # ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1")
+    env = {"GPTQMODEL_CPU_WORKERS": "2", **os.environ}
+    subprocess.run([python, str(HERE / "peer_gptqmodel.py"), *map(str, args)], check=True, env=env)
+
+
+def peer_rows(rows: Rows, folder, ctx, calib, eval_ids, base_ppl, args, tmp: Path) -> None:
+    from llmslim.modeling import load_model
+    from llmslim.recipe.steps import GptqConfig
+    from llmslim.steps import run_step
+
+    torch.save(calib, tmp / "calib.pt")
+    torch.save(eval_ids[:0], tmp / "none.pt")  # GPTQModel's own (fp16) evaluation is skipped: too slow here
+    for bits in [int(b) for b in args.peer_bits.split(",") if b.strip()]:
+        key = f"gptqmodel-w{bits}-g128" + args.tag
+        if rows.get(key):
+            continue
+        env = machine()
+        peer(args.peer_python, "quantize", folder, tmp / "calib.pt", tmp / "none.pt", bits, 128, tmp / f"{key}.json")
+        theirs = json.loads((tmp / f"{key}.json").read_text())
+        ckpt = tmp / f"{key}.json.ckpt"
+        value = ppl(load_model(str(ckpt), "float32", "cpu"), eval_ids)
+        size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+        rows.add({"key": key, "method": "GPTQModel 7.7.0 gptq", "bits": bits, "group": 128, "ppl": round(value, 3),
+                  "increase_%": round(100 * (value / base_ppl - 1), 2), "size_MB": round(size / 1e6, 1),
+                  "quant_s": round(theirs["quantize_seconds"], 1), "eval_path": "llmslim (its checkpoint)",
+                  "calibration": f"{calib.shape[0]} x {calib.shape[1]}", **env})
+    key = "interop-w4-g128"
+    if rows.get(key):
+        return
+    ckpt = KEEP / "gptq-w4-g128"  # part 1 keeps its W4 g128 checkpoint here (git-ignored cache)
+    if not (ckpt / "config.json").is_file():
+        model = load_model(str(folder), "float32", "cpu")
+        run_step(model, GptqConfig(bits=4, group_size=128), ctx)
+        saved_size(model, ctx.tokenizer, ckpt)
+    few = eval_ids[: args.interop_windows]
+    torch.save(few, tmp / "few.pt")
+    own = load_model(str(ckpt), "float32", "cpu")
+    with torch.no_grad():
+        own_logits = own(input_ids=few[:2]).logits.float()
+    own_ppl = ppl(own, few)
+    peer(args.peer_python, "load", ckpt, tmp / "few.pt", tmp / "load.json", "gptq_torch")
+    loaded = json.loads((tmp / "load.json").read_text())
+    diff = (torch.load(tmp / "load.json.logits.pt") - own_logits).abs().max().item()
+    rows.add({"key": key, "method": "interop: llmslim W4 g128 in stock transformers", "bits": 4, "group": 128,
+              "ppl": round(loaded["perplexity"], 3), "eval_path": f"transformers + gptqmodel {loaded['kernels']} "
+              f"fp16, first {few.shape[0]} windows; llmslim loader fp32 on the same windows: {own_ppl:.3f}; "
+              f"max |logit diff| {diff:.3f}"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peer-python", default="", help="python of a venv with gptqmodel and optimum")
+    parser.add_argument("--interop-windows", type=int, default=4)
+    parser.add_argument("--fresh", action="store_true", help="remeasure every row")
+    parser.add_argument("--only-peer", action="store_true", help="skip part 1 (llmslim rows)")
+    parser.add_argument("--methods", default="rtn,gptq", help="part 1 methods, comma-separated")
+    parser.add_argument("--settings", default="4:128,3:128,2:128,3:-1", help="part 1 BITS:GROUP, comma-separated")
+    parser.add_argument("--peer-bits", default="4,3", help="GPTQModel bit widths (g128), comma-separated")
+    parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES,
+                        help="calibration windows (fewer than 128: rows keyed and labelled with it)")
+    args = parser.parse_args()
+    folder = model_folder_or_skip()
+
+    from llmslim.modeling import load_model, load_tokenizer
+    from llmslim.progress import Progress
+    from llmslim.recipe.steps import GptqConfig, RtnConfig
+    from llmslim.steps import StepContext
+
+    tokenizer = load_tokenizer(str(folder))
+    calib, eval_ids = windows(tokenizer, args.calib_samples)
+    tag = "" if args.calib_samples == CALIB_SAMPLES else f"-c{args.calib_samples}"
+    calib_label = f"{args.calib_samples} x {CALIB_SEQLEN}"
+    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
+                      calibration=calib)
+    rows = Rows("quant", COLUMNS, args.fresh)
+    base = rows.get("baseline")
+    if base is None:
+        env = machine()
+        value = ppl(load_model(str(folder), "float32", "cpu"), eval_ids)
+        base = rows.add({"key": "baseline", "method": "baseline (dequantized Q4_1, fp32)", "bits": 32, "group": "-",
+                         "ppl": round(value, 3), "increase_%": 0.0,
+                         "size_MB": round((folder / "model.safetensors").stat().st_size / 1e6, 1),
+                         "eval_path": "llmslim", **env})
+    base_ppl = base["ppl"]
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",") if s.strip()]
+        makers = {"rtn": RtnConfig, "gptq": GptqConfig}
+        for bits, group in [] if args.only_peer else settings:
+            for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+                config = makers[method](bits=bits, group_size=group)
+                key = f"{config.STEP_NAME}-w{bits}-g{group}" + (tag if method != "rtn" else "")
+                if not rows.get(key):
+                    row = quantize_row(folder, ctx, config, eval_ids, base_ppl, Path(tmp))
+                    rows.add({"key": key, **row, "calibration": "-" if method == "rtn" else calib_label})
+        if args.peer_python and Path(args.peer_python).exists():
+            args.tag = tag
+            peer_rows(rows, folder, ctx, calib, eval_ids, base_ppl, args, Path(tmp))
+        else:
+            print("no --peer-python with gptqmodel: GPTQModel rows and the interop check skipped")
+    rows.save(f"{BASELINE_NOTE}. llmslim rows: default options (GPTQ act_order + static groups + mse scale "
+              "search, damp 0.01; RTN minmax), packed GPTQ format, evaluated on the exact fp32 dequant path.")
+
+
+if __name__ == "__main__":
+    main()
