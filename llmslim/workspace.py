@@ -133,13 +133,7 @@ class WorkDir:
 
     def read_json(self, name: str):
         """A JSON file of the work folder, or None when absent or unreadable (a torn write)."""
-        path = self.path / name
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.path / name)
 
     def remove(self) -> None:
         if self.root.is_dir() and not self.root.is_symlink():
@@ -147,6 +141,7 @@ class WorkDir:
 
 
 def _read_json(path: Path):
+    """A JSON file, or None when absent or unreadable (a torn write)."""
     if not path.is_file():
         return None
     try:
