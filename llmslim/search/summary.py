@@ -37,9 +37,21 @@ def _x(trial: Trial, which: str) -> float | None:
     return getattr(trial.relative, which)
 
 
+def _plane_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other beats on both axes (lower is better), by increasing x: the front of one
+    projection. The search's own front is over every criterion at once, so it can zigzag here."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
 def plot_front(search: SearchReport, path: Path) -> Path | None:
-    """Perplexity increase against size, time and (where measured) energy; the front joined, the
-    selected point marked. None when matplotlib is missing."""
+    """Perplexity increase against size, time and (where measured) energy: the front's members in
+    blue, each plane's own front as a dashed staircase, the selected point circled. None without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -53,8 +65,12 @@ def plot_front(search: SearchReport, path: Path) -> Path | None:
     for ax, (label, which) in zip(axes[0], panels):
         pts = [(x, (t.relative.perplexity - 1) * 100, t) for t in finished if (x := _x(t, which)) is not None]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="0.6", label="trial")
-        front = sorted((p for p in pts if p[2].pareto), key=lambda p: p[0])
-        ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:blue", label="Pareto front")
+        front = [p for p in pts if p[2].pareto]
+        ax.scatter([p[0] for p in front], [p[1] for p in front], color="tab:blue",
+                   label="Pareto front (all criteria)")
+        plane = _plane_front([(x, y) for x, y, _ in pts])
+        ax.step([p[0] for p in plane], [p[1] for p in plane], where="post", color="tab:blue", alpha=0.5,
+                linestyle="--", label="front in this plane")
         for x, y, t in pts:
             if t.selected:
                 ax.scatter([x], [y], s=160, facecolors="none", edgecolors="tab:red", linewidths=2, label="selected")
