@@ -34,6 +34,7 @@ from llmslim.prune.shapes import PrunePlan, TargetError, plan_pruning
 from llmslim.prune.surgery import (attention_linears, mlp_input_rows, mlp_linears, prune_attention, prune_mlp,
                                    remove_layers, write_width_config)
 from llmslim.steps.base import StepContext, StepOutcome
+from llmslim.gradients import loss_gradients
 
 __all__ = ["apply_prune", "PruneCompressor", "taylor_scores", "TAYLOR_MAX_SAMPLES"]
 
@@ -165,22 +166,8 @@ def _layer_taylor(layer: nn.Module, shape: ModelShape, plan: PrunePlan) -> dict[
 def taylor_scores(model: nn.Module, windows: torch.Tensor, shape: ModelShape, plan: PrunePlan,
                   max_samples: int = TAYLOR_MAX_SAMPLES, batch_size: int = TAYLOR_BATCH) -> dict[int, dict]:
     """|w * dL/dw| summed per head and channel, gradients of the next-token loss accumulated over batches."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    device = params[0].device
-    model.zero_grad(set_to_none=True)
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for start in range(0, min(len(windows), max_samples), batch_size):
-                batch = windows[start : min(start + batch_size, max_samples)].to(device)
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    with loss_gradients(model, windows, max_samples=max_samples, batch_size=batch_size):
         return {i: _layer_taylor(layer, shape, plan) for i, layer in enumerate(decoder_layers(model))}
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def _check_layout(model: nn.Module, shape: ModelShape, plan: PrunePlan) -> None:

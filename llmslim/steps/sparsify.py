@@ -33,6 +33,7 @@ from llmslim.sparse.masks import (SPARSITY_MARKER, magnitude_scores, nm_mask, ro
 from llmslim.sparse.sparsegpt import sparsegpt_prune
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.gptq import HessianStore, relative_output_error
+from llmslim.gradients import loss_gradients
 
 __all__ = ["apply_sparsify", "sparsify_once", "SparsifyCompressor", "DENSE_NOTE", "TAYLOR_MAX_SAMPLES"]
 
@@ -125,29 +126,13 @@ def _targets(model: nn.Module, config: SparsifyConfig) -> dict[str, nn.Module]:
 
 def _taylor_grads(model: nn.Module, windows: torch.Tensor, targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """dL/dW of each target linear (Linear layout), summed over a few calibration batches."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    device = params[0].device
-    model.zero_grad(set_to_none=True)
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for module in targets.values():
-            module.weight.requires_grad_(True)
-        with torch.enable_grad():
-            count = min(len(windows), TAYLOR_MAX_SAMPLES)
-            for start in range(0, count, TAYLOR_BATCH):
-                batch = windows[start : min(start + TAYLOR_BATCH, count)].to(device)
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    weights = [module.weight for module in targets.values()]
+    with loss_gradients(model, windows, max_samples=TAYLOR_MAX_SAMPLES, batch_size=TAYLOR_BATCH, only=weights):
         out = {}
         for name, module in targets.items():
             grad = module.weight.grad if module.weight.grad is not None else torch.zeros_like(module.weight)
             out[name] = (grad.t() if is_conv1d(module) else grad).detach().float()
         return out
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def _summary(model: nn.Module, config: SparsifyConfig, stats: list[dict], seconds: float) -> dict[str, Any]:
