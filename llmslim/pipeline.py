@@ -26,7 +26,7 @@ from llmslim.publish import check_free_space, guard_output, no_space_message, ou
 from llmslim.publish import recover
 from llmslim.recipe.schema import Recipe
 from llmslim.report import Calibration, Metrics, Report, StepRecord, write_json_atomic
-from llmslim.run_env import environment, interleave_latency, source_info
+from llmslim.run_env import environment, evaluate_result, source_info
 from llmslim.steps import StepContext, run_step
 from llmslim.workspace import OutputLock, StepStore, WorkDir, run_log
 
@@ -201,10 +201,9 @@ def _execute(run: Run) -> RunOutcome:
                                                                                   run.progress))
         final_dir = run.store.checkpoint(len(recipe.steps) - 1)
         LOGGER.info("%s: evaluating the result", recipe.name)
-        fields["result"] = evaluate_model(model, recipe.evaluate, size_bytes=weights_size_bytes(final_dir),
-                                          windows=windows, seed=recipe.seed, progress=run.progress)
-        fields["baseline"], fields["result"] = interleave_latency(
-            recipe, run.device, lambda: load_original(run), model, fields["baseline"], fields["result"])
+        fields["baseline"], fields["result"] = evaluate_result(
+            recipe, run.device, lambda: load_original(run), model, fields["baseline"],
+            size_bytes=weights_size_bytes(final_dir), windows=windows, progress=run.progress)
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a step or evaluation is reported, exit 1

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 import torch
 
-from llmslim.evaluate import model_size_bytes, remeasure_latency, with_latency
+from llmslim.evaluate import evaluate_model, model_size_bytes, remeasure_latency, with_latency
 from llmslim.evaluate.environment import environment_info
 from llmslim.progress import LOGGER
 from llmslim.report import Environment, Metrics
 from llmslim.recipe.schema import Recipe
 
-__all__ = ["environment", "interleave_latency", "source_info"]
+__all__ = ["environment", "evaluate_result", "source_info"]
 
 
 def environment(device: torch.device, model_ref: str) -> Environment:
@@ -37,16 +37,20 @@ def _free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def interleave_latency(recipe: Recipe, device: torch.device, load_original: Callable[[], torch.nn.Module],
-                       model, baseline: Metrics, result: Metrics) -> tuple[Metrics, Metrics]:
-    """Time the original and the result alternately in this process, so that both see the same machine
-    state; skipped (timings stay sequential, and say so) when the original does not fit beside the result."""
-    if recipe.evaluate.latency is None:
-        return baseline, result
-    needed = 2 * (baseline.size_bytes + model_size_bytes(model, None))
-    if needed > _free_memory(device):
-        LOGGER.info("%s: not enough free memory to time the original beside the result; latencies were "
-                    "measured one after the other", recipe.name)
+def evaluate_result(recipe: Recipe, device: torch.device, load_original: Callable[[], torch.nn.Module], model,
+                    baseline: Metrics, *, size_bytes: int, windows, progress=None) -> tuple[Metrics, Metrics]:
+    """(baseline, result) after measuring the result. When the original fits beside the result, both are
+    timed alternately in this process, so that both see the same machine state, and the result is not
+    also timed alone; otherwise the result is timed alone after the baseline's own timing (and says so)."""
+    side_by_side = recipe.evaluate.latency is not None and \
+        2 * (baseline.size_bytes + model_size_bytes(model, None)) <= _free_memory(device)
+    cfg = recipe.evaluate.model_copy(update={"latency": None}) if side_by_side else recipe.evaluate
+    result = evaluate_model(model, cfg, size_bytes=size_bytes, windows=windows, seed=recipe.seed,
+                            progress=progress)
+    if not side_by_side:
+        if recipe.evaluate.latency is not None:
+            LOGGER.info("%s: not enough free memory to time the original beside the result; latencies were "
+                        "measured one after the other", recipe.name)
         return baseline, result
     LOGGER.info("%s: timing the original and the result alternately", recipe.name)
     original = load_original()

@@ -11,14 +11,13 @@ from pathlib import Path
 
 from llmslim.budgets import check_budgets
 from llmslim.errors import UsageError
-from llmslim.evaluate import evaluate_model
 from llmslim.fingerprints import sha256_json
 from llmslim.modeling import weights_size_bytes
 from llmslim.pipeline import Run, build_report, calibration_windows, error_text, invalid_metrics, run_steps
 from llmslim.pipeline import step_context
 from llmslim.progress import LOGGER
 from llmslim.report import Metrics, Report, write_json_atomic
-from llmslim.run_env import interleave_latency
+from llmslim.run_env import evaluate_result
 from llmslim.search.records import Trial
 
 __all__ = ["Shared", "TrialState", "run_trial", "trial_record_path", "load_trial_state"]
@@ -99,10 +98,9 @@ def _measure(run: Run, shared: Shared, fields: dict, index: int) -> list[int]:
                                        fresh=lambda: copy.deepcopy(shared.original))
     shared_steps = _shared_steps(run, fields["steps"], index)
     final_dir = run.store.checkpoint(len(recipe.steps) - 1)
-    result = evaluate_model(model, recipe.evaluate, size_bytes=weights_size_bytes(final_dir),
-                            windows=shared.windows, seed=recipe.seed, progress=None)
-    fields["baseline"], fields["result"] = interleave_latency(recipe, run.device, lambda: shared.original, model,
-                                                              shared.baseline, result)
+    fields["baseline"], fields["result"] = evaluate_result(recipe, run.device, lambda: shared.original, model,
+                                                           shared.baseline, size_bytes=weights_size_bytes(final_dir),
+                                                           windows=shared.windows)
     return shared_steps
 
 
