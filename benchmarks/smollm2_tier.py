@@ -19,12 +19,11 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, markdown_table
+from common import RESULTS, Timer, markdown_table  # noqa: F401 - Timer is re-exported
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent.parent / "shared" / "data" / "wikitext-2"
@@ -121,10 +120,3 @@ class Rows:
         (RESULTS / f"smollm2-{self.part}.md").write_text("\n".join(lines))
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
