@@ -73,3 +73,21 @@ def write_results(name: str, rows: list[dict], table: str, meta: dict) -> None:
 
 __all__ = ["shared_or_skip", "load_windows", "decode_speed", "saved_size", "Timer", "markdown_table",
            "write_results", "perplexity", "load_model", "load_tokenizer", "torch"]
+
+
+def peer_setup(peer_python: str, samples: int, eval_windows: int):
+    """For a side-by-side with GPTQModel on the 9M model: (model folder, tokenizer, the first
+    ``eval_windows`` test windows, a step context with ``samples`` calibration windows of 256 tokens);
+    exits 0 saying why when ../shared or the peer interpreter is absent."""
+    from llmslim.progress import Progress
+    from llmslim.steps import StepContext
+
+    model_dir, data_dir = shared_or_skip("pydocs-llama-9m", "pydocs")
+    if not peer_python or not Path(peer_python).exists():
+        print("skipping: no --peer-python with gptqmodel (see ../shared/notes/peers-cpu.md)")
+        sys.exit(0)
+    tokenizer = load_tokenizer(str(model_dir))
+    calib, windows = load_windows(tokenizer, data_dir, samples, 256)
+    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
+                      calibration=calib)
+    return model_dir, tokenizer, windows[:eval_windows], ctx

@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import (Timer, load_model, load_tokenizer, load_windows, markdown_table, perplexity, saved_size,
-                    shared_or_skip, torch, write_results)
+from common import Timer, load_model, markdown_table, peer_setup, perplexity, saved_size, torch, write_results
 
-from llmslim.progress import Progress
 from llmslim.recipe.steps import GptqConfig
-from llmslim.steps import StepContext, run_step
+from llmslim.steps import run_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,20 +42,12 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=64,
                         help="test windows for every perplexity here (the peer runs fp16 on CPU, which is slow)")
     args = parser.parse_args()
-    model_dir, data_dir = shared_or_skip("pydocs-llama-9m", "pydocs")
-    if not args.peer_python or not Path(args.peer_python).exists():
-        print("skipping: no --peer-python with gptqmodel (see ../shared/notes/peers-cpu.md)")
-        sys.exit(0)
-    tokenizer = load_tokenizer(str(model_dir))
-    calib, windows = load_windows(tokenizer, data_dir, 128, 256)
-    windows = windows[: args.eval_windows]
-    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
-                      calibration=calib)
+    model_dir, tokenizer, windows, ctx = peer_setup(args.peer_python, 128, args.eval_windows)
     base = perplexity(load_model(str(model_dir), "float32", "cpu"), windows, batch_size=8)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch.save(calib, tmp / "calib.pt")
+        torch.save(ctx.calibration, tmp / "calib.pt")
         torch.save(windows, tmp / "windows.pt")
         for bits in (4, 3):
             model = load_model(str(model_dir), "float32", "cpu")

@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import (load_model, load_tokenizer, load_windows, markdown_table, perplexity, saved_size,
-                    shared_or_skip, torch, write_results)
+from common import load_model, markdown_table, peer_setup, perplexity, saved_size, torch, write_results
 
-from llmslim.progress import Progress
 from llmslim.recipe.steps import GptqConfig, PruneConfig
-from llmslim.steps import StepContext, run_step
+from llmslim.steps import run_step
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,15 +32,7 @@ def main() -> None:
     parser.add_argument("--peer-python", default="")
     parser.add_argument("--eval-windows", type=int, default=16)
     args = parser.parse_args()
-    model_dir, data_dir = shared_or_skip("pydocs-llama-9m", "pydocs")
-    if not args.peer_python or not Path(args.peer_python).exists():
-        print("skipping: no --peer-python with gptqmodel (see ../shared/notes/peers-cpu.md)")
-        sys.exit(0)
-    tokenizer = load_tokenizer(str(model_dir))
-    calib, windows = load_windows(tokenizer, data_dir, 32, 256)
-    windows = windows[: args.eval_windows]
-    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
-                      calibration=calib)
+    model_dir, tokenizer, windows, ctx = peer_setup(args.peer_python, 32, args.eval_windows)
     model = load_model(str(model_dir), "float32", "cpu")
     run_step(model, PruneConfig(mlp={"keep": 688}), ctx)
     pruned = perplexity(model, windows, batch_size=8)
