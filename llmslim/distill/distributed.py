@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "world", "barrier", "all_reduce_sum", "broadcast_object"]
+__all__ = ["init_distributed", "world", "barrier", "all_reduce_sum", "broadcast_object", "agree"]
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
@@ -66,3 +66,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def agree(problem: str | None) -> str | None:
+    """The first rank's problem (None: no rank has one), on every rank, so that all ranks raise together
+    instead of leaving the others waiting in a collective."""
+    if world()[1] == 1:
+        return problem
+    problems: list = [None] * world()[1]
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)

@@ -21,10 +21,11 @@ distributions on windows of a text dataset (data order: :mod:`.data`).
   the exact zeros of the decoder layers' linear weights are a fixed mask,
   re-applied after every optimizer step, so they are exactly 0 at the end.
 * Data parallel: when torch.distributed is initialised with more than one
-  rank the student is wrapped in DDP (default) or sharded with FSDP (FSDP2's
-  ``fully_shard`` on each decoder layer and the root, on a copy of the student
-  whose full weights are copied back at the end); evaluation windows are
-  shared among ranks; only rank 0 writes checkpoints.
+  rank the student is wrapped in DDP (default) or, with FSDP, a sharded
+  replica of it built on the meta device trains instead, next to a sharded
+  teacher, and its weights are gathered back one parameter at a time
+  (:mod:`.sharding`); evaluation windows are shared among ranks; only rank 0
+  writes checkpoints.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -47,9 +47,11 @@ from llmslim.distill.data import DistillData, SampleOrder, lr_factor, mix_seed
 from llmslim.distill.distributed import all_reduce_sum, barrier, broadcast_object, world
 from llmslim.distill.losses import distillation_loss
 from llmslim.distill.records import DistillResult, Position
-from llmslim.distill.runtime import scalar, set_checkpointing, stop_on_signals, write_atomic
+from llmslim.distill.runtime import (adamw, apply_masks, autocast_dtype, perplexity_over_ranks, read_state, scalar,
+                                    set_checkpointing, stop_on_signals, write_atomic, zero_masks)
+from llmslim.distill.sharding import (full_states, gather_into, load_states, park, reshard, shard_student,
+                                     shard_teacher)
 from llmslim.errors import StepError, Terminated
-from llmslim.evaluate.perplexity import window_nll
 from llmslim.modeling import decoder_layers
 from llmslim.progress import LOGGER
 from llmslim.recipe.steps import DistillConfig
@@ -66,18 +68,24 @@ class Distiller:
 
     ``callback(step, distiller)`` runs after every completed step (tests use
     it to interrupt); :meth:`request_stop` makes the loop checkpoint and raise
-    ``KeyboardInterrupt`` after the step in progress.
+    ``KeyboardInterrupt`` after the step in progress. With FSDP a sharded
+    replica trains (:mod:`.sharding`); its weights reach the student on rank
+    0, and on the other ranks too with ``result_on_every_rank`` (later steps
+    of a follower need them; after a failure a follower's student is left
+    empty, on meta); the teacher handed in is emptied once sharded.
     """
 
     def __init__(self, student: nn.Module, config: DistillConfig, data: DistillData, *,
                  teacher: nn.Module | None = None, device: torch.device | str = "cpu", seed: int = 0,
                  scratch: Path | None = None, progress=None,
-                 callback: Callable[[int, Distiller], None] | None = None, keep_zeros: bool = False):
+                 callback: Callable[[int, Distiller], None] | None = None, keep_zeros: bool = False,
+                 result_on_every_rank: bool = True):
         self.student, self.config, self.data, self.teacher = student, config, data, teacher
+        self._teacher: nn.Module | None = None  # the teacher that runs: the given one, or its shards
         self.device, self.seed = torch.device(device), seed
         self.scratch = Path(scratch) if scratch is not None else None
         self.progress, self.callback = progress, callback
-        self.keep_zeros = keep_zeros
+        self.keep_zeros, self.result_on_every_rank = keep_zeros, result_on_every_rank
         self._zero_masks: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.rank, self.world_size = world()
         self.parallel = config.parallel if self.world_size > 1 else None
@@ -89,7 +97,7 @@ class Distiller:
         self._check()
         share = config.batch_size // self.world_size
         self.share, self.micro = share, min(config.micro_batch_size or share, share)
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = autocast_dtype(config.autocast, self.device)
 
     # -- setup -------------------------------------------------------------------------------------------------
 
@@ -120,24 +128,12 @@ class Distiller:
         if cfg.grad_checkpointing and not getattr(self.student, "supports_gradient_checkpointing", False):
             raise StepError("distill", f"{type(self.student).__name__} does not support gradient checkpointing")
 
-    def _autocast_dtype(self) -> torch.dtype | None:
-        mode = self.config.autocast
-        if mode == "off":
-            return None
-        if mode == "bf16":
-            return torch.bfloat16
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        dtype = self.autocast_dtype
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
-        self._stop = True
-        self._stop_signal = signum
+        self._stop, self._stop_signal = True, signum
 
     def _identity(self) -> dict:
         shapes = [(n, tuple(p.shape)) for n, p in self.student.state_dict().items()]
@@ -149,20 +145,6 @@ class Distiller:
     def state_path(self) -> Path | None:
         return self.scratch / STATE_FILE if self.scratch is not None else None
 
-    def _read_state(self, identity: dict) -> dict | None:
-        path = self.state_path
-        if path is None or not path.is_file():
-            return None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint only costs a restart
-            LOGGER.warning("distill: cannot read %s (%s); starting over", path, exc)
-            return None
-        if state.get("identity") != identity:
-            LOGGER.warning("distill: %s was written for another config, data or model; starting over", path)
-            return None
-        return state
-
     def _check_same_start(self, state: dict | None) -> None:
         """Every rank must resume from the same step as rank 0 (or all start afresh)."""
         mine = state["progress"]["step"] if state is not None else None
@@ -172,34 +154,15 @@ class Distiller:
                                        f"step {leader or 0}: the work folder ({self.state_path}) must be on a "
                                        "filesystem every rank sees")
 
-    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        decay, rest = [], []
-        for param in module.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else rest).append(param)
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": rest, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
-
     def _wrap(self) -> nn.Module:
+        if self.parallel == "fsdp":
+            return shard_student(self.student, self.device, self.config.grad_checkpointing)
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else None
             return DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False)
-        if self.parallel == "fsdp":
-            import torch.distributed as dist
-            from torch.distributed.fsdp import fully_shard
-
-            with torch.no_grad():
-                for tensor in list(self.student.parameters()) + list(self.student.buffers()):
-                    dist.broadcast(tensor.data, src=0)
-            sharded = copy.deepcopy(self.student)
-            for layer in decoder_layers(sharded):
-                fully_shard(layer)
-            fully_shard(sharded)
-            return sharded
         return self.student
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -208,12 +171,7 @@ class Distiller:
         if self.state_path is None:
             return
         if self.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict)
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            weights = get_model_state_dict(module, options=options)
-            opt_state = get_optimizer_state_dict(module, optimizer, options=options)
+            weights, opt_state = full_states(module, optimizer)
         else:
             weights, opt_state = self.student.state_dict(), optimizer.state_dict()
         if self.rank == 0:
@@ -228,53 +186,18 @@ class Distiller:
 
     def _load_optimizer(self, module: nn.Module, optimizer, state: dict) -> None:
         if self.parallel == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(module, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            load_states(module, optimizer, state)  # the weights too: the shards were filled from the student
         else:
             optimizer.load_state_dict(state["optimizer"])
 
-    # -- sparsity masks -------------------------------------------------------------------------------------------
-
-    def _sparsity_masks(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        """(weight, its exact zeros) of every decoder-layer linear that has zeros."""
-        from llmslim.modeling import find_linears
-
-        masks = []
-        for module in find_linears(decoder_layers(self.student)).values():
-            zeros = module.weight.data == 0
-            if bool(zeros.any()):
-                masks.append((module.weight, zeros))
-        return masks
-
-    @torch.no_grad()
-    def _apply_masks(self) -> None:
-        for weight, zeros in self._zero_masks:
-            weight.data.masked_fill_(zeros, 0.0)
-
     # -- evaluation ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def perplexity(self, module: nn.Module, windows: torch.Tensor | None = None) -> float:
         """exp(mean next-token NLL) over the evaluation windows, shared among ranks."""
         windows = self.data.evaluation if windows is None else windows
-        was_training = module.training
-        module.eval()
-        n, size = windows.shape[0], self.world_size
-        per_rank = -(-n // size)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(0, per_rank, self.micro):
-            idx = [(start + j) * size + self.rank for j in range(self.micro) if start + j < per_rank]
-            real = [i for i in idx if i < n]
-            batch = windows[real or [0]].to(self.device)  # a rank with no window left still joins (FSDP)
-            nll, tokens = window_nll(module, batch)
-            if real:
-                sums[0] += nll.double()
-                sums[1] += tokens
-        all_reduce_sum(sums)
-        module.train(was_training)
-        return math.exp(float(sums[0] / sums[1]))
+        ppl = perplexity_over_ranks(module, windows, self.micro, self.device)
+        reshard(module)
+        return ppl
 
     # -- training ------------------------------------------------------------------------------------------------
 
@@ -288,9 +211,9 @@ class Distiller:
     def _micro_loss(self, module: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = self.config.hidden_states > 0
         teacher_logits, teacher_states = None, ()
-        if self.teacher is not None and self.config.needs_teacher:
+        if self._teacher is not None and self.config.needs_teacher:
             with torch.no_grad(), self._autocast():
-                out = self.teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                out = self._teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             teacher_logits = out.logits
             teacher_states = out.hidden_states if hidden else ()
             del out
@@ -325,64 +248,83 @@ class Distiller:
     def _terms(self) -> list[str]:
         return ["loss", *self.weights, *(["hidden_cosine"] if self.config.hidden_states > 0 else [])]
 
-    def run(self) -> DistillResult:
-        """Train for the configured budget (or what remains of it) and evaluate."""
-        cfg, student = self.config, self.student
-        t_start = time.perf_counter()
-        dtypes = {name: p.dtype for name, p in student.named_parameters()}
-        flags = {name: p.requires_grad for name, p in student.named_parameters()}
-        for p in student.parameters():
+    def _begin_plain(self) -> dict[str, tuple[torch.dtype, bool]]:
+        """Single process and DDP train the student itself, in float32; its dtypes and flags, to restore."""
+        saved = {name: (p.dtype, p.requires_grad) for name, p in self.student.named_parameters()}
+        for p in self.student.parameters():
             p.data = p.data.float()
             p.requires_grad_(True)
-        self._zero_masks = self._sparsity_masks() if self.keep_zeros else []
+        self._zero_masks = zero_masks(decoder_layers(self.student)) if self.keep_zeros else []
+        if self.config.grad_checkpointing:
+            set_checkpointing(self.student, True)
+        return saved
+
+    def _end(self, saved: dict[str, tuple[torch.dtype, bool]]) -> None:
+        student = self.student
+        if self.parallel == "fsdp":
+            if self.rank == 0:
+                park(student, self.device)  # back from the CPU after a failure (a no-op after the gather)
+        else:
+            if self.config.grad_checkpointing:
+                set_checkpointing(student, False)
+            for name, p in student.named_parameters():
+                p.data = p.data.to(saved[name][0])
+                p.requires_grad_(saved[name][1])
+                p.grad = None
+        student.eval()
+        self._zero_masks, self._teacher = [], None
+
+    def run(self) -> DistillResult:
+        """Train for the configured budget (or what remains of it) and evaluate."""
+        t_start = time.perf_counter()
         identity = self._identity()
-        state = self._read_state(identity)
+        state = read_state(self.state_path, identity)
         self._check_same_start(state)
-        pos = Position()
-        if state is not None:
-            student.load_state_dict(state["model"])
-            pos = Position(**state["progress"])
-            LOGGER.info("distill: resuming at step %d/%d from %s", pos.step, self.total, self.state_path)
+        pos = Position(**state["progress"]) if state is not None else Position()
         resumed_from = pos.step if state is not None else None
-        if cfg.grad_checkpointing:
-            set_checkpointing(student, True)
+        if state is not None:
+            LOGGER.info("distill: resuming at step %d/%d from %s", pos.step, self.total, self.state_path)
+        fsdp = self.parallel == "fsdp"
+        saved = {} if fsdp else self._begin_plain()
         module = None
         try:
+            if state is not None and not fsdp:
+                self.student.load_state_dict(state["model"])
             module = self._wrap()
-            optimizer = self._optimizer(module)
+            optimizer = adamw(module, self.config.lr, self.config.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, functools.partial(lr_factor, total=self.total, warmup_steps=self.warmup_steps))
             if state is not None:
                 self._load_optimizer(module, optimizer, state)
                 scheduler.load_state_dict(state["scheduler"])
             del state
-            eval_module = student if self.parallel == "ddp" else module
-            if pos.perplexity_before is None:
-                pos.perplexity_before = self.perplexity(eval_module)
-                if self.teacher is not None:
-                    pos.teacher_perplexity = self.perplexity(self.teacher)
-                pos.eval_curve.append({"step": 0, "tokens": 0, "perplexity": pos.perplexity_before})
-                LOGGER.info("distill: perplexity before %.4f%s", pos.perplexity_before,
-                            f" (teacher {pos.teacher_perplexity:.4f})" if pos.teacher_perplexity else "")
+            self._teacher = shard_teacher(self.teacher, self.device) if fsdp and self.teacher is not None \
+                else self.teacher
+            eval_module = self.student if self.parallel == "ddp" else module
+            self._evaluate_before(eval_module, pos)
             self._loop(module, eval_module, optimizer, scheduler, pos, identity, t_start)
-            if self.parallel == "fsdp":
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-                student.load_state_dict(get_model_state_dict(module, options=StateDictOptions(full_state_dict=True)))
-                eval_module = student
             after = self.perplexity(eval_module)
             pos.eval_curve.append({"step": self.total, "tokens": pos.tokens, "perplexity": after})
+            if fsdp:
+                del optimizer, scheduler
+                gather_into(module, self.student, self.device, write=self.rank == 0 or self.result_on_every_rank)
         finally:
-            if cfg.grad_checkpointing:
-                set_checkpointing(student, False)
-            student.eval()
             del module
-            for name, p in student.named_parameters():
-                p.data = p.data.to(dtypes[name])
-                p.requires_grad_(flags[name])
-                p.grad = None
-            self._zero_masks = []
+            self._end(saved)
         LOGGER.info("distill: perplexity %.4f -> %.4f after %d tokens", pos.perplexity_before, after, pos.tokens)
+        return self._result(pos, t_start, after, resumed_from)
+
+    def _evaluate_before(self, eval_module: nn.Module, pos: Position) -> None:
+        if pos.perplexity_before is not None:
+            return
+        pos.perplexity_before = self.perplexity(eval_module)
+        if self._teacher is not None:
+            pos.teacher_perplexity = self.perplexity(self._teacher)
+        pos.eval_curve.append({"step": 0, "tokens": 0, "perplexity": pos.perplexity_before})
+        LOGGER.info("distill: perplexity before %.4f%s", pos.perplexity_before,
+                    f" (teacher {pos.teacher_perplexity:.4f})" if pos.teacher_perplexity else "")
+
+    def _result(self, pos: Position, t_start: float, after: float, resumed_from: int | None) -> DistillResult:
         return DistillResult(
             steps=self.total, tokens=pos.tokens, wall_seconds=pos.wall_seconds + time.perf_counter() - t_start,
             train_seconds=pos.train_seconds, perplexity_before=pos.perplexity_before, perplexity_after=after,
@@ -427,7 +369,7 @@ class Distiller:
                     norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
                     extra["grad_norm"] = scalar(norm)  # before clipping
                 optimizer.step()
-                self._apply_masks()
+                apply_masks(self._zero_masks)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 reduced = torch.tensor([sums[k] for k in terms] + [float(self._stop)], dtype=torch.float64,

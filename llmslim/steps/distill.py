@@ -6,6 +6,10 @@ tokenizer. The step trains the model in place (see
 :mod:`llmslim.distill.trainer`) and reports tokens, steps, time, throughput,
 perplexity before and after on its evaluation windows, and the loss and
 perplexity curves under ``changed["curves"]``.
+
+With ``parallel: fsdp`` under torchrun only rank 0 reads the teacher's
+weights (on the CPU when training on a GPU: it is only the source of the
+shards); the other ranks build it from its config on the meta device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 from torch import nn
 
 from llmslim.distill.data import build_data
+from llmslim.distill.distributed import world
+from llmslim.distill.sharding import empty_model
 from llmslim.distill.trainer import Distiller
 from llmslim.errors import StepError
 from llmslim.modeling import load_model
@@ -35,7 +41,13 @@ def load_teacher(config: DistillConfig, ctx: StepContext) -> nn.Module:
         ref = str(ctx.model_path)
     else:
         ref = config.teacher
-    teacher = load_model(ref, config.teacher_dtype or ctx.dtype, ctx.device)
+    device = ctx.device
+    rank, size = world()
+    if config.parallel == "fsdp" and size > 1:
+        if rank != 0:
+            return empty_model(ref)  # the shards are filled from rank 0's weights
+        device = torch.device("cpu")
+    teacher = load_model(ref, config.teacher_dtype or ctx.dtype, device)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -50,9 +62,11 @@ def apply_distill(model: nn.Module, config: DistillConfig, ctx: StepContext) -> 
                 config.total_steps, config.batch_size, config.seqlen, data.train.shape[0], data.evaluation.shape[0],
                 data.eval_source)
     try:
-        result = Distiller(model, config, data, teacher=teacher, device=ctx.device, seed=ctx.seed,
-                           scratch=ctx.scratch, progress=ctx.progress,
-                           keep_zeros=bool(getattr(model.config, SPARSITY_MARKER, None))).run()
+        distiller = Distiller(model, config, data, teacher=teacher, device=ctx.device, seed=ctx.seed,
+                              scratch=ctx.scratch, progress=ctx.progress,
+                              keep_zeros=bool(getattr(model.config, SPARSITY_MARKER, None)))
+        teacher = None  # the distiller's own reference is the only one (FSDP frees it once sharded)
+        result = distiller.run()
     finally:
         del teacher
         gc.collect()
