@@ -18,13 +18,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Family", "FAMILIES", "ModelShape", "family_for", "model_shape", "unsupported_message",
+__all__ = ["Family", "FAMILIES", "ModelShape", "ScaleFold", "family_for", "model_shape", "unsupported_message",
            "context_length", "hidden_size", "layer_count"]
 
 # Where the context length sits in the configs of families not in FAMILIES, most common first.
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass(frozen=True)
+class ScaleFold:
+    """AWQ: where the per-input-channel scales of ``linears`` (linears reading one tensor; paths relative
+    to a decoder layer) are folded so that the full-precision function is unchanged. ``prev`` is the norm
+    or the linear producing that tensor; ``rows`` which of a previous linear's output rows do: ``all``,
+    ``v`` (the value rows: all of v_proj, or the last block of a fused qkv; foldable only when there are
+    as many as the group's inputs, i.e. without grouped-query attention) or ``up`` (the second half of a
+    fused gate_up). ``needs`` is (config key, accepted values, value when absent) the fold relies on;
+    ``why_not`` says why the group is not scaled when ``prev`` is None (no op can absorb the scales) or
+    the config does not meet ``needs``."""
+
+    linears: tuple[str, ...]
+    prev: str | None
+    rows: str = "all"
+    needs: tuple[str, tuple, object] | None = None
+    why_not: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,8 @@ class Family:
     heads_unsupported: str | None = None  # why heads cannot be removed in this family
     # the family's config rejects hidden_size % num_attention_heads != 0 even with an explicit head_dim
     heads_divide_hidden: bool = False
+    scale_folds: tuple[ScaleFold, ...] = ()  # AWQ's groups and where their scales fold (llmslim/steps/awq.py)
+    norm_offset: float = 0.0  # the norms compute x̂·(offset + w): Gemma's 1
 
     def head_dim(self, cfg: Mapping) -> int:
         return int(cfg.get("head_dim") or cfg[self.hidden_key] // cfg[self.heads_key])
@@ -79,7 +99,24 @@ _LLAMA_ATTENTION = dict(attention="self_attn", q="q_proj", k="k_proj", v="v_proj
 _LLAMA_MLP = dict(mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj")
 _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
 _GEMMA_NORMS = _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-LLAMA_LIKE = dict(layers="model.layers", norms=_LLAMA_NORMS, **_LLAMA_ATTENTION, **_LLAMA_MLP)
+_QKV, _GATE_UP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")
+
+
+def _llama_folds(mlp_norm: str) -> tuple[ScaleFold, ...]:
+    return (ScaleFold(_QKV, "input_layernorm"), ScaleFold(("self_attn.o_proj",), "self_attn.v_proj", rows="v"),
+            ScaleFold(_GATE_UP, mlp_norm), ScaleFold(("mlp.down_proj",), "mlp.up_proj", rows="up"))
+
+
+_GELU_DOWN = ("GPT-2's MLP applies GELU between c_fc and c_proj, and GELU(x/s) is not GELU(x)/s, so no op can "
+              "absorb c_proj's scales (AWQ would insert a scaling module that stock transformers cannot load); "
+              "mlp.c_proj is quantized without scales")
+_OPT_PRE_NORM = ("do_layer_norm_before", (True,), True)
+_OPT_POST_NORM = ("with do_layer_norm_before false (OPT-350m) the norms follow the residual add, so no op "
+                  "produces only this group's input; it is quantized without scales")
+_OPT_ACT = ("fc2's scales fold into fc1's rows only through relu (relu(x/s) = relu(x)/s for s > 0); with another "
+            "activation fc2 is quantized without scales")
+LLAMA_LIKE = dict(layers="model.layers", norms=_LLAMA_NORMS, scale_folds=_llama_folds("post_attention_layernorm"),
+                  **_LLAMA_ATTENTION, **_LLAMA_MLP)
 _SLIDING_QWEN = dict(per_layer_keys=("layer_types",), layer_count_keys=("max_window_layers",))
 
 FAMILIES: tuple[Family, ...] = (
@@ -88,22 +125,34 @@ FAMILIES: tuple[Family, ...] = (
     Family(name="qwen2", model_types=("qwen2",), **_SLIDING_QWEN, **LLAMA_LIKE),
     Family(name="qwen3", model_types=("qwen3",), head_norms=("q_norm", "k_norm"), **_SLIDING_QWEN, **LLAMA_LIKE),
     Family(name="gemma2", model_types=("gemma2",), layers="model.layers", norms=_GEMMA_NORMS,
-           per_layer_keys=("layer_types",), heads_divide_hidden=True, **_LLAMA_ATTENTION, **_LLAMA_MLP),
+           per_layer_keys=("layer_types",), heads_divide_hidden=True, **_LLAMA_ATTENTION, **_LLAMA_MLP,
+           scale_folds=_llama_folds("pre_feedforward_layernorm"), norm_offset=1.0),
     Family(name="gemma3", model_types=("gemma3_text",), layers="model.layers", norms=_GEMMA_NORMS,
            head_norms=("q_norm", "k_norm"), per_layer_keys=("layer_types",), heads_divide_hidden=True,
-           **_LLAMA_ATTENTION, **_LLAMA_MLP),
+           **_LLAMA_ATTENTION, **_LLAMA_MLP, scale_folds=_llama_folds("pre_feedforward_layernorm"), norm_offset=1.0),
     Family(name="phi3", model_types=("phi3",), layers="model.layers", norms=_LLAMA_NORMS, attention="self_attn",
            q="qkv_proj", k="qkv_proj", v="qkv_proj", o="o_proj", fused_qkv=True, mlp_in=("mlp.gate_up_proj",),
-           fused_mlp_in=True, mlp_out="mlp.down_proj", heads_unsupported=_SHARED_QKV_SPLIT),
+           fused_mlp_in=True, mlp_out="mlp.down_proj", heads_unsupported=_SHARED_QKV_SPLIT,
+           scale_folds=(ScaleFold(("self_attn.qkv_proj",), "input_layernorm"),
+                        ScaleFold(("self_attn.o_proj",), "self_attn.qkv_proj", rows="v"),
+                        ScaleFold(("mlp.gate_up_proj",), "post_attention_layernorm"),
+                        ScaleFold(("mlp.down_proj",), "mlp.gate_up_proj", rows="up"))),
     Family(name="gpt2", model_types=("gpt2",), layers="transformer.h", norms=("ln_1", "ln_2"), attention="attn",
            q="c_attn", k="c_attn", v="c_attn", o="c_proj", fused_qkv=True, mlp_in=("mlp.c_fc",),
            mlp_out="mlp.c_proj", transposed_linears=True, hidden_key="n_embd", heads_key="n_head",
            kv_heads_key=None, layers_key="n_layer", intermediate_key="n_inner", context_key="n_positions",
-           heads_unsupported=_FIXED_HEAD_DIM.format(name="GPT-2", hidden="n_embd", heads="n_head")),
+           heads_unsupported=_FIXED_HEAD_DIM.format(name="GPT-2", hidden="n_embd", heads="n_head"),
+           scale_folds=(ScaleFold(("attn.c_attn",), "ln_1"), ScaleFold(("attn.c_proj",), "attn.c_attn", rows="v"),
+                        ScaleFold(("mlp.c_fc",), "ln_2"), ScaleFold(("mlp.c_proj",), None, why_not=_GELU_DOWN))),
     Family(name="opt", model_types=("opt",), layers="model.decoder.layers",
            norms=("self_attn_layer_norm", "final_layer_norm"), attention="self_attn", q="q_proj", k="k_proj",
            v="v_proj", o="out_proj", mlp_in=("fc1",), mlp_out="fc2", kv_heads_key=None, intermediate_key="ffn_dim",
-           heads_unsupported=_FIXED_HEAD_DIM.format(name="OPT", hidden="hidden_size", heads="num_attention_heads")),
+           heads_unsupported=_FIXED_HEAD_DIM.format(name="OPT", hidden="hidden_size", heads="num_attention_heads"),
+           scale_folds=(ScaleFold(_QKV, "self_attn_layer_norm", needs=_OPT_PRE_NORM, why_not=_OPT_POST_NORM),
+                        ScaleFold(("self_attn.out_proj",), "self_attn.v_proj", rows="v"),
+                        ScaleFold(("fc1",), "final_layer_norm", needs=_OPT_PRE_NORM, why_not=_OPT_POST_NORM),
+                        ScaleFold(("fc2",), "fc1", needs=("activation_function", ("relu",), "relu"),
+                                  why_not=_OPT_ACT))),
 )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, get_args
 
 from llmslim.progress import LOGGER
+from llmslim.recipe.awq_config import check_awq_steps
 from llmslim.recipe.schema import Recipe
 from llmslim.recipe.steps import GPTQ_LOADERS
 
@@ -103,13 +104,14 @@ def check_quant_targets(recipe: Recipe, add: Callable) -> None:
     ``prune`` step changes the widths are checked here; the others are
     quantized at whatever widths they meet.
     """
+    check_awq_steps(recipe, add, lambda text: LOGGER.warning("note: %s", text))
     widths = _widths(recipe.model)
     if widths is None:
         return
     for i, step in enumerate(recipe.steps):
         if step.STEP_NAME == "prune":
             return
-        if step.STEP_NAME not in ("gptq", "rtn") or step.format != "gptq":
+        if step.STEP_NAME not in ("gptq", "rtn", "awq") or step.format != "gptq":
             continue
         named = tuple(step.loaders)
         partial = _partial(widths.inputs, step.group_size)
