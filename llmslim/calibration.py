@@ -14,10 +14,15 @@ calibrated step (GPTQ, pruning).
    a group, in execution order), run the calibration inputs through the layer
    with hooks that hand each linear's input to the compressor, then let the
    compressor compress the group; finally rerun the compressed layer to get
-   the next layer's inputs, and move the layer back.
+   the next layer's inputs, and move the layer back. A :class:`LayerSource`
+   may supply the layers instead (a streamed model reads each one from its
+   checkpoint and writes it out when done, :mod:`llmslim.streaming`), and the
+   captured inputs may be kept on the host, moved per call.
 
 A :class:`LayerCompressor` decides what to collect and how to compress, so the
-loop knows nothing about GPTQ or pruning.
+loop knows nothing about GPTQ or pruning. Steps that compress a whole decoder
+layer at once (``signround``) plug a per-layer function into the same loop,
+:func:`layerwise`, which :func:`sequential_calibrate` is built on.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from torch import nn
 from llmslim.modeling import decoder_layers, find_linears, layer_prefix
 from llmslim.progress import Progress
 
-__all__ = ["LayerCompressor", "LayerInputs", "CapturedInputs", "capture_layer_inputs", "sequential_calibrate",
+__all__ = ["LayerCompressor", "GroupCompressor", "LayerInputs", "CapturedInputs", "capture_layer_inputs",
+           "sequential_calibrate", "layerwise", "LayerFn", "run_layer", "LayerSource", "ResidentLayers",
            "linear_groups", "LayerObserver", "PhaseTimes"]
 
 # Keyword arguments that carry a KV cache: calibration runs each layer alone, without one.
@@ -55,6 +61,17 @@ class LayerCompressor(Protocol):
         """Compress ``module`` from what was collected; return its statistics."""
 
 
+class GroupCompressor(Protocol):
+    """A compressor that compresses each group of linears (those reading one tensor) together,
+    defining ``compress_group`` instead of ``compress`` (AWQ: one scale search per group and a
+    fold into the op before it); the loop calls it when it is defined."""
+
+    def compress_group(self, layer_index: int, layer_name: str, layer: nn.Module,
+                       group: dict[str, nn.Module]) -> list[dict[str, Any]]:
+        """Compress the group's linears (by full name) of ``layer`` (named ``layer_name`` in the
+        model); return one statistics row per linear, each with its ``module`` name."""
+
+
 LayerObserver = Callable[[int, list[torch.Tensor], list[torch.Tensor]], None]
 
 
@@ -65,9 +82,15 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     args: list[tuple]  # positional arguments after the hidden states
     kwargs: list[dict[str, Any]]
+    device: torch.device | None = None  # set when the inputs are kept elsewhere (the host): moved per call
 
     def call(self, layer: nn.Module, batch: int):
-        return layer(self.hidden[batch], *self.args[batch], **self.kwargs[batch])
+        hidden, args, kwargs = self.hidden[batch], self.args[batch], self.kwargs[batch]
+        if self.device is not None:
+            memo: dict[int, Any] = {}
+            hidden, args, kwargs = _to(hidden, self.device, memo), _to(args, self.device, memo), \
+                _to(kwargs, self.device, memo)
+        return layer(hidden, *args, **kwargs)
 
 
 @dataclass
@@ -77,10 +100,37 @@ class CapturedInputs:
     hidden: list[torch.Tensor]
     calls: list[list[tuple[tuple, dict[str, Any]]]]  # [layer][batch] -> (args, kwargs)
 
-    def layer(self, index: int, hidden: list[torch.Tensor] | None = None) -> LayerInputs:
-        """Layer ``index``'s inputs, with ``hidden`` (default: the first layer's) as its hidden states."""
+    def layer(self, index: int, hidden: list[torch.Tensor] | None = None,
+              device: torch.device | None = None) -> LayerInputs:
+        """Layer ``index``'s inputs, with ``hidden`` (default: the first layer's) as its hidden states;
+        ``device``: where each batch is moved for a call, when they are kept elsewhere."""
         calls = self.calls[index]
-        return LayerInputs(self.hidden if hidden is None else hidden, [a for a, _ in calls], [k for _, k in calls])
+        return LayerInputs(self.hidden if hidden is None else hidden, [a for a, _ in calls], [k for _, k in calls],
+                           device)
+
+
+class LayerSource(Protocol):
+    """Where the loop gets each decoder layer from, and what happens to it once it is done."""
+
+    def load(self, index: int) -> nn.Module:
+        """Layer ``index``, on the compute device."""
+
+    def done(self, index: int, layer: nn.Module) -> None:
+        """Layer ``index`` is compressed and rerun."""
+
+
+class ResidentLayers:
+    """The model's own layers: moved to ``device`` while worked on, then back where they were."""
+
+    def __init__(self, layers: nn.ModuleList, device: torch.device):
+        self.layers, self.device, self.home = layers, device, device
+
+    def load(self, index: int) -> nn.Module:
+        self.home = next(self.layers[index].parameters()).device
+        return self.layers[index].to(self.device)
+
+    def done(self, index: int, layer: nn.Module) -> None:
+        layer.to(self.home)
 
 
 class PhaseTimes:
@@ -195,7 +245,8 @@ def _first(output):
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
-    return [_first(inputs.call(layer, b)) for b in range(len(inputs.hidden))]
+    """The layer's output for each batch, kept where the batch's inputs are kept."""
+    return [_first(inputs.call(layer, b)).to(inputs.hidden[b].device) for b in range(len(inputs.hidden))]
 
 
 @torch.no_grad()
@@ -255,26 +306,22 @@ def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompress
                          ignore: list[str], true_sequential: bool = True, batch_size: int = 8,
                          progress: Progress | None = None, label: str = "calibrate",
                          on_layer: LayerObserver | None = None,
-                         times: PhaseTimes | None = None) -> list[dict[str, Any]]:
+                         times: PhaseTimes | None = None, layer_source: LayerSource | None = None,
+                         activations: torch.device | None = None) -> list[dict[str, Any]]:
     """Run the loop over every decoder layer; returns the per-module statistics.
 
     ``on_layer(index, inputs, outputs)``, when given, sees each layer's
     calibration inputs and its outputs after compression (one tensor per batch).
-    ``times``, when given, receives the seconds of each phase.
+    ``times``, when given, receives the seconds of each phase. ``layer_source``
+    supplies the layers (default: the model's, moved to ``device`` and back;
+    a streamed model loads each from its checkpoint); ``activations`` is where
+    the captured inputs are kept (default ``device``; the host when they do not fit).
     """
     times = times if times is not None else PhaseTimes()
-    layers = decoder_layers(model)
-    prefix = layer_prefix(model, layers)
-    with times.phase("capture"):
-        captured = capture_layer_inputs(model, layers, windows, device, batch_size)
-    hidden = captured.hidden
-    stats: list[dict[str, Any]] = []
-    indices = range(len(layers))
-    for index in progress.track(indices, f"{label}: layers") if progress else indices:
-        layer, inputs = layers[index], captured.layer(index, hidden)
-        home = next(layer.parameters()).device
-        with times.phase("move"):
-            layer.to(device)
+    prefix = layer_prefix(model, decoder_layers(model))
+
+    def calibrate_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> list[dict[str, Any]]:
+        stats: list[dict[str, Any]] = []
         linears = compressor.select(index, find_linears(layer, ignore, f"{prefix}.{index}"))
         local = {name.removeprefix(f"{prefix}.{index}."): name for name in linears}
         groups = linear_groups(layer, {n: m for n, m in layer.named_modules() if n in local}, inputs) \
@@ -284,13 +331,51 @@ def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompress
             with times.phase("group_passes"):
                 _calibrate_group(layer, inputs, members, compressor, times)
             with times.phase("compress"):
+                whole_group = getattr(compressor, "compress_group", None)  # GroupCompressor (awq)
+                if whole_group is not None:
+                    stats += [{"layer": index, **row} for row in whole_group(index, f"{prefix}.{index}", layer,
+                                                                             members)]
+                    continue
                 for name, module in members.items():
                     stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
+        return stats
+
+    return layerwise(model, windows, calibrate_layer, device=device, batch_size=batch_size, progress=progress,
+                     label=label, on_layer=on_layer, times=times, layer_source=layer_source,
+                     activations=activations)
+
+
+LayerFn = Callable[[int, nn.Module, LayerInputs], list[dict[str, Any]]]
+
+
+def layerwise(model, windows: torch.Tensor, fn: LayerFn, *, device: torch.device, batch_size: int = 8,
+              progress: Progress | None = None, label: str = "calibrate", on_layer: LayerObserver | None = None,
+              times: PhaseTimes | None = None, layer_source: LayerSource | None = None,
+              activations: torch.device | None = None) -> list[dict[str, Any]]:
+    """The loop itself, for a step that works on whole decoder layers: capture every layer's inputs
+    (batches of ``batch_size`` windows), then for each layer, on ``device``, ``fn(index, layer,
+    inputs)`` compresses it in place and returns its statistics rows; the compressed layer is rerun
+    for the next layer's inputs. ``on_layer``, ``times``, ``layer_source`` and ``activations`` as in
+    :func:`sequential_calibrate`."""
+    times = times if times is not None else PhaseTimes()
+    layers = decoder_layers(model)
+    source = layer_source if layer_source is not None else ResidentLayers(layers, device)
+    store = device if activations is None else activations
+    with times.phase("capture"):
+        captured = capture_layer_inputs(model, layers, windows, store, batch_size)
+    hidden = captured.hidden
+    stats: list[dict[str, Any]] = []
+    indices = range(len(layers))
+    for index in progress.track(indices, f"{label}: layers") if progress else indices:
+        inputs = captured.layer(index, hidden, None if store == device else device)
+        with times.phase("move"):
+            layer = source.load(index)
+        stats += fn(index, layer, inputs)
         with times.phase("rerun"):
             outputs = run_layer(layer, inputs)
         if on_layer is not None:
             on_layer(index, inputs.hidden, outputs)
         hidden = outputs
         with times.phase("move"):
-            layer.to(home)
+            source.done(index, layer)
     return stats

@@ -15,6 +15,7 @@ class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     STEP_NAME: ClassVar[str] = ""
     NEEDS_CALIBRATION: ClassVar[bool] = False
+    STREAMS: ClassVar[bool] = False  # can run one decoder layer at a time (llmslim/stream_run.py)
 
     def describe(self) -> str:
         """One line for plans and tables."""

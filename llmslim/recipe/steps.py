@@ -16,7 +16,7 @@ from llmslim.recipe.limits import MAX_COUNT, MAX_SEQLEN
 from llmslim.recipe.step_base import StepConfig
 
 __all__ = ["step_inputs", "StepConfig", "RtnConfig", "GptqConfig", "PruneConfig", "KeepCount", "DistillConfig",
-           "SparsifyConfig", "STEP_CONFIGS", "LOSS_KINDS"]
+           "SparsifyConfig", "SignroundConfig", "AwqConfig", "STEP_CONFIGS", "LOSS_KINDS"]
 
 DEFAULT_IGNORE = ["lm_head"]
 PACKABLE_BITS = (2, 3, 4, 8)
@@ -51,6 +51,7 @@ class RtnConfig(StepConfig):
     """
 
     STEP_NAME: ClassVar[str] = "rtn"
+    STREAMS: ClassVar[bool] = True
 
     bits: int = Field(4, ge=2, le=8, description="bits per weight, 2 to 8")
     group_size: int = Field(128, description="columns sharing a scale (a partial last group where it does not "
@@ -100,6 +101,7 @@ class GptqConfig(StepConfig):
 
     STEP_NAME: ClassVar[str] = "gptq"
     NEEDS_CALIBRATION: ClassVar[bool] = True
+    STREAMS: ClassVar[bool] = True
 
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
     group_size: int = Field(128, description="columns sharing a scale (a partial last group where it does not "
@@ -300,12 +302,18 @@ class SparsifyConfig(StepConfig):
 
 PruneConfig.model_rebuild()
 
+# after the helpers above, which it reuses (its module imports them from here)
+from llmslim.recipe.signround_config import SignroundConfig  # noqa: E402
+from llmslim.recipe.awq_config import AwqConfig  # noqa: E402
+
 STEP_CONFIGS: dict[str, type[StepConfig]] = {
     RtnConfig.STEP_NAME: RtnConfig,
     GptqConfig.STEP_NAME: GptqConfig,
     PruneConfig.STEP_NAME: PruneConfig,
     DistillConfig.STEP_NAME: DistillConfig,
     SparsifyConfig.STEP_NAME: SparsifyConfig,
+    SignroundConfig.STEP_NAME: SignroundConfig,
+    AwqConfig.STEP_NAME: AwqConfig,
 }
 
 

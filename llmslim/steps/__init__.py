@@ -12,11 +12,15 @@ from collections.abc import Callable
 import torch
 
 from llmslim.recipe.steps import DistillConfig, GptqConfig, PruneConfig, RtnConfig, SparsifyConfig, StepConfig
+from llmslim.recipe.signround_config import SignroundConfig
+from llmslim.recipe.awq_config import AwqConfig
+from llmslim.steps.awq import apply_awq
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.distill import apply_distill
 from llmslim.steps.gptq import apply_gptq
 from llmslim.steps.rounds import apply_prune_scheduled
 from llmslim.steps.rtn import apply_rtn
+from llmslim.steps.signround import apply_signround
 from llmslim.steps.sparsify import apply_sparsify
 
 __all__ = ["StepContext", "StepOutcome", "HANDLERS", "run_step"]
@@ -30,6 +34,8 @@ HANDLERS: dict[type[StepConfig], Handler] = {
     PruneConfig: apply_prune_scheduled,   # one shot, or in rounds with recovery (llmslim/steps/rounds.py)
     DistillConfig: apply_distill,
     SparsifyConfig: apply_sparsify,
+    SignroundConfig: apply_signround,
+    AwqConfig: apply_awq,
 }
 
 
