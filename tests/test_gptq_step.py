@@ -89,6 +89,22 @@ def test_gptq_error_below_rtn_per_layer(model_factory):
     assert gptq.changed["format"] == "dense"
 
 
+def test_rtn_reports_its_true_weight_error(model_factory):
+    """The per-layer error compares with the weights before rounding (in fp32 the step once compared
+    the rounded weights with themselves, reporting 0)."""
+    from llmslim.modeling import find_linears
+
+    path = model_factory("llama")
+    model = load_model(str(path), "float32", "cpu")
+    original = {n: m.weight.detach().clone() for n, m in find_linears(model, ["lm_head"]).items()}
+    _, ctx = _context(path)
+    outcome = run_step(model, RtnConfig(bits=3, group_size=32, format="dense"), ctx)
+    for row in outcome.layers:
+        w, q = original[row["module"]], model.get_submodule(row["module"]).weight
+        assert row["relative_weight_error"] == pytest.approx(((q - w).norm() / w.norm()).item(), rel=1e-5)
+        assert row["relative_weight_error"] > 0.01
+
+
 def test_gptq_step_through_the_cli(workdir, model_factory, recipe_writer):
     from typer.testing import CliRunner
 

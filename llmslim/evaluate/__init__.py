@@ -32,15 +32,24 @@ def prepare_eval_windows(cfg: EvaluateConfig, tokenizer) -> tuple[torch.Tensor, 
     return windows, settings
 
 
-def _linear_kernel(model) -> str | None:
+def linear_kernels(model) -> set[tuple[str, str]]:
+    """(kernel, activation dtype) of each quantized linear under ``model``, as it ran last."""
+    return {(m.kernel, str(getattr(m, "activation_dtype", "")).removeprefix("torch."))
+            for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "qweight")}
+
+
+def kernel_summary(kernels: set[tuple[str, str]]) -> str | None:
     """The paths the quantized linears took (``int4pack``, ``int4pack+pad``, ``int8pack``, ``dequant``)
     and the activation dtype they computed in, e.g. ``dequant,int4pack+pad (bfloat16 activations)``."""
-    layers = [m for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "qweight")]
-    if not layers:
+    if not kernels:
         return None
-    kernels = ",".join(sorted({m.kernel for m in layers}))
-    dtypes = sorted({str(getattr(m, "activation_dtype", "")).removeprefix("torch.") for m in layers} - {""})
-    return f"{kernels} ({'/'.join(dtypes)} activations)" if dtypes else kernels
+    names = ",".join(sorted({k for k, _ in kernels}))
+    dtypes = sorted({d for _, d in kernels} - {""})
+    return f"{names} ({'/'.join(dtypes)} activations)" if dtypes else names
+
+
+def _linear_kernel(model) -> str | None:
+    return kernel_summary(linear_kernels(model))
 
 
 def _latency_fields(lat: LatencyResult | None, cfg: EvaluateConfig, meter: EnergyMeter | None) -> dict:
@@ -130,17 +139,18 @@ def with_latency(metrics: Metrics, update: dict) -> Metrics:
     return Metrics.model_validate(data)
 
 
-def model_size_bytes(model, path: Path | None) -> int:
+def model_size_bytes(model, path: Path | None, tensor_bytes: int | None = None) -> int:
     """Weights as saved: the safetensors files when the model's dtype matches them,
-    else the bytes of its unique tensors (what save_pretrained would write)."""
+    else the bytes of its unique tensors (what save_pretrained would write; ``tensor_bytes``
+    when given, e.g. counted from a streamed model's skeleton)."""
     from llmslim.modeling import weights_size_bytes
 
+    tensor_bytes = _tensor_bytes(model) if tensor_bytes is None else tensor_bytes
     if path is not None and Path(path).is_dir():
         on_disk = weights_size_bytes(Path(path))
-        tensor_bytes = _tensor_bytes(model)
         if on_disk and abs(on_disk - tensor_bytes) <= 0.01 * tensor_bytes + 1_000_000:
             return on_disk
-    return _tensor_bytes(model)
+    return tensor_bytes
 
 
 def _tensor_bytes(model) -> int:

@@ -44,6 +44,10 @@ def _cross_checks(recipe: Recipe, add: Callable) -> None:
         if packed and index_is_not_last(i, recipe):
             add(("steps", i, step.STEP_NAME, "format"),
                 "a step that packs the weights (format: gptq) must be the last step; use format: dense before others")
+        if recipe.memory.mode == "streamed" and not step.STREAMS:
+            add(("steps", i, step.STEP_NAME), f"step {step.STEP_NAME!r} needs the whole model resident and cannot "
+                "run with memory.mode: streamed (only gptq and rtn run one decoder layer at a time); use "
+                "memory.mode: resident or auto")
     b, ev = recipe.budgets, recipe.evaluate
     if (b.max_perplexity_increase is not None or b.max_perplexity is not None) and ev.perplexity is None:
         add(("budgets",), "perplexity budgets need `evaluate.perplexity`")
@@ -143,6 +147,10 @@ def resolve_paths(recipe: Recipe, base_dir: Path, add: Callable) -> Recipe:
     update["steps"] = _resolve_distill(recipe, base_dir, add)
     out = Path(recipe.output).expanduser()
     update["output"] = str((out if out.is_absolute() else base_dir / out).resolve())
+    if recipe.memory.offload_folder is not None:
+        offload = Path(recipe.memory.offload_folder).expanduser()
+        offload = str((offload if offload.is_absolute() else base_dir / offload).resolve())
+        update["memory"] = recipe.memory.model_copy(update={"offload_folder": offload})
     _cross_checks(recipe, add)
     _check_prune_targets(recipe, update["model"], add)
     resolved = recipe.model_copy(update=update)

@@ -112,24 +112,41 @@ class GPTQCompressor:
                 "damp_retries": stats.damp_retries, "dead_columns": stats.dead_columns, "seconds": seconds}
 
 
-def apply_gptq(model, config, ctx: StepContext) -> StepOutcome:
+def _install(model, results: dict, config) -> None:
+    install_if_packed(model, results, config, desc_act=config.act_order and not config.use_static_groups,
+                      true_sequential=config.true_sequential, damp=config.damp,
+                      static_groups=config.use_static_groups, method="gptq")
+
+
+def apply_gptq(model, config, ctx: StepContext, layers=None, activations: torch.device | None = None) -> StepOutcome:
+    """``layers``: a streamed model's layer source (:class:`llmslim.streaming.StreamedLayers`); each layer
+    is then packed as soon as it is done and written by the source, and no codes are kept between layers.
+    ``activations``: where the calibration inputs are kept (default: the device)."""
     if ctx.calibration is None:
         raise StepError("gptq", "needs calibration data")
     compressor = GPTQCompressor(config, ctx.device, keep_zeros=bool(getattr(model.config, SPARSITY_MARKER, None)))
+    packer = None
+    if layers is not None:
+        from llmslim.streaming import LayerPacker
+
+        packer = LayerPacker(model, compressor.results, lambda results: _install(model, results, config))
     start, times = time.perf_counter(), PhaseTimes()
     stats = sequential_calibrate(model, ctx.calibration, compressor, device=ctx.device, ignore=config.ignore,
                                  true_sequential=config.true_sequential, progress=ctx.progress, label="gptq",
-                                 times=times)
-    if not compressor.results:
+                                 times=times, layer_source=layers, activations=activations,
+                                 on_layer=packer.pack if packer else None)
+    count = packer.modules if packer else len(compressor.results)
+    if not count:
         raise StepError("gptq", f"no linear layer matched in the decoder layers (ignore={config.ignore})")
-    changed = {"modules_quantized": len(compressor.results),
-               "weights_quantized": sum(qw.codes.numel() for qw, _ in compressor.results.values()),
+    changed = {"modules_quantized": count,
+               "weights_quantized": packer.weights if packer else
+               sum(qw.codes.numel() for qw, _ in compressor.results.values()),
                "bits": config.bits, "group_size": config.group_size, "format": config.format,
                "calibration_seconds": round(time.perf_counter() - start, 3),
                "phase_seconds": times.summary()}
     if compressor.keep_zeros:
         changed["sparsity_kept"] = "the zeros of the earlier sparsify step stay exactly 0 (masked in GPTQ's update)"
-    install_if_packed(model, compressor.results, config, desc_act=config.act_order and not config.use_static_groups,
-                      true_sequential=config.true_sequential, damp=config.damp,
-                      static_groups=config.use_static_groups, method="gptq")
+    if packer is not None:
+        return StepOutcome(changed=changed, layers=packer.with_kernels(stats))
+    _install(model, compressor.results, config)
     return StepOutcome(changed=changed, layers=with_kernels(model, stats))
