@@ -5,7 +5,9 @@ Protocol in ``smollm2_tier.py``. Rows, in priority order (each written to
 there are skipped):
 
 1. the baseline, then llmslim's RTN and GPTQ with default options at W4 g128,
-   W3 g128, W2 g128 and W3 per-channel, with quantization wall time;
+   W3 g128, W2 g128 and W3 per-channel, with quantization wall time; with
+   ``--methods``, also ``awq`` (packed, searched clipping), ``awq+gptq`` (AWQ's
+   scales, no clipping, then GPTQ) and ``signround`` (learned rounding, packed);
 2. with ``--peer-python`` (a venv with gptqmodel + optimum, see
    ``../shared/notes/peers-cpu.md``): GPTQModel at W4 g128 and W3 g128 on the
    same calibration windows, its wall time, its checkpoint evaluated through
@@ -35,21 +37,40 @@ HERE = Path(__file__).resolve().parent
 KEEP = HERE / ".cache" / "smollm2-tier"
 
 
-def quantize_row(folder, ctx, config, eval_ids, base_ppl, tmp: Path) -> dict:
+def quantize_row(folder, ctx, configs: list, eval_ids, base_ppl, tmp: Path) -> dict:
+    """Run ``configs`` (one step, or e.g. awq then gptq) on a fresh copy of the model and measure it."""
     from llmslim.modeling import load_model
     from llmslim.steps import run_step
 
     model = load_model(str(folder), "float32", "cpu")
     env = machine()
     with Timer() as timer:
-        run_step(model, config, ctx)
+        for config in configs:
+            run_step(model, config, ctx)
     value = ppl(model, eval_ids)
-    keep = (config.STEP_NAME, config.bits, config.group_size) == ("gptq", 4, 128)
-    target = KEEP / "gptq-w4-g128" if keep else tmp / f"{config.STEP_NAME}-{config.bits}-{config.group_size}"
+    last = configs[-1]
+    keep = [c.STEP_NAME for c in configs] == ["gptq"] and (last.bits, last.group_size) == (4, 128)
+    name = "+".join(c.STEP_NAME for c in configs)
+    target = KEEP / "gptq-w4-g128" if keep else tmp / f"{name}-{last.bits}-{last.group_size}"
     size = saved_size(model, ctx.tokenizer, target)
-    return {"method": f"llmslim {config.STEP_NAME}", "bits": config.bits, "group": config.group_size,
+    return {"method": f"llmslim {name}", "bits": last.bits, "group": last.group_size,
             "ppl": round(value, 3), "increase_%": round(100 * (value / base_ppl - 1), 2),
             "size_MB": round(size / 1e6, 1), "quant_s": round(timer.seconds, 1), "eval_path": "llmslim", **env}
+
+
+def method_configs(method: str, bits: int, group: int, args) -> list:
+    """The step configs of one part-1 method: rtn, gptq, awq (format gptq), awq+gptq (AWQ's scales without
+    clipping, then GPTQ), signround (packed; ``--signround-iters``/``--signround-batch``)."""
+    from llmslim.recipe.awq_config import AwqConfig
+    from llmslim.recipe.signround_config import SignroundConfig
+    from llmslim.recipe.steps import GptqConfig, RtnConfig
+
+    common = {"bits": bits, "group_size": group}
+    return {"rtn": lambda: [RtnConfig(**common)], "gptq": lambda: [GptqConfig(**common)],
+            "awq": lambda: [AwqConfig(**common, format="gptq")],
+            "awq+gptq": lambda: [AwqConfig(**common, clip=False), GptqConfig(**common)],
+            "signround": lambda: [SignroundConfig(**common, format="gptq", iters=args.signround_iters,
+                                                  batch_size=args.signround_batch)]}[method]()
 
 
 def peer(python: str, *args) -> None:
@@ -109,7 +130,10 @@ def main() -> None:
     parser.add_argument("--interop-windows", type=int, default=4)
     parser.add_argument("--fresh", action="store_true", help="remeasure every row")
     parser.add_argument("--only-peer", action="store_true", help="skip part 1 (llmslim rows)")
-    parser.add_argument("--methods", default="rtn,gptq", help="part 1 methods, comma-separated")
+    parser.add_argument("--methods", default="rtn,gptq",
+                        help="part 1 methods, comma-separated: rtn, gptq, awq, awq+gptq, signround")
+    parser.add_argument("--signround-iters", type=int, default=200)
+    parser.add_argument("--signround-batch", type=int, default=8)
     parser.add_argument("--settings", default="4:128,3:128,2:128,3:-1", help="part 1 BITS:GROUP, comma-separated")
     parser.add_argument("--peer-bits", default="4,3", help="GPTQModel bit widths (g128), comma-separated")
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES,
@@ -119,7 +143,6 @@ def main() -> None:
 
     from llmslim.modeling import load_model, load_tokenizer
     from llmslim.progress import Progress
-    from llmslim.recipe.steps import GptqConfig, RtnConfig
     from llmslim.steps import StepContext
 
     tokenizer = load_tokenizer(str(folder))
@@ -140,14 +163,15 @@ def main() -> None:
     base_ppl = base["ppl"]
     with tempfile.TemporaryDirectory() as tmp:
         settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",") if s.strip()]
-        makers = {"rtn": RtnConfig, "gptq": GptqConfig}
         for bits, group in [] if args.only_peer else settings:
             for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-                config = makers[method](bits=bits, group_size=group)
-                key = f"{config.STEP_NAME}-w{bits}-g{group}" + (tag if method != "rtn" else "")
+                configs = method_configs(method, bits, group, args)
+                suffix = f"-i{args.signround_iters}-b{args.signround_batch}" if method == "signround" else ""
+                key = f"{method.replace('+', '-')}-w{bits}-g{group}" + suffix + (tag if method != "rtn" else "")
                 if not rows.get(key):
-                    row = quantize_row(folder, ctx, config, eval_ids, base_ppl, Path(tmp))
-                    rows.add({"key": key, **row, "calibration": "-" if method == "rtn" else calib_label})
+                    row = quantize_row(folder, ctx, configs, eval_ids, base_ppl, Path(tmp))
+                    label = "-" if method == "rtn" else calib_label
+                    rows.add({"key": key, **row, "calibration": label + suffix.replace("-", " ")})
         if args.peer_python and Path(args.peer_python).exists():
             args.tag = tag
             peer_rows(rows, folder, ctx, calib, eval_ids, base_ppl, args, Path(tmp))
