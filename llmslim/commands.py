@@ -33,9 +33,10 @@ def _run_one(path: Path, overrides: list[str], output: Path | None, dry_run: boo
                          "(or remove the block to run it as one recipe)")
     if dry_run:
         from llmslim.plan import plan_recipe
-        from llmslim.render import plan_table
+        from llmslim.render import plan_tables
 
-        err.print(plan_table(plan_recipe(recipe)))
+        for table in plan_tables(plan_recipe(recipe)):
+            err.print(table)
         return recipe.name, "planned", EXIT_OK, recipe.output, None
     from llmslim.pipeline import run_recipe
     from llmslim.render import report_tables

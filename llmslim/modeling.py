@@ -241,10 +241,13 @@ def layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     return next(name for name, m in model.named_modules() if m is layers)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
-    """config, safetensors weights, generation config and tokenizer."""
+def save_checkpoint(model: nn.Module, tokenizer, folder: Path, max_shard_size: int | None = None) -> None:
+    """config, safetensors weights (sharded with model.safetensors.index.json above ``max_shard_size``
+    bytes, default transformers' own), generation config and tokenizer."""
+    from llmslim.shards import DEFAULT_MAX_SHARD_SIZE
+
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     from llmslim.quant.checkpoint import write_quantize_config
 
     write_quantize_config(folder, model.config)

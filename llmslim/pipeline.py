@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +20,7 @@ from llmslim.evaluate import evaluate_model, model_size_bytes, prepare_eval_wind
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.perplexity import tokenize_text
 from llmslim.fingerprints import DigestCache, RunKeys, run_keys, sha256_json
+from llmslim.memory_plan import PhaseLog, plan_for_run
 from llmslim.modeling import load_model, load_tokenizer, resolve_device, resolve_model_path, save_checkpoint
 from llmslim.modeling import weights_size_bytes
 from llmslim.outcome import publish_output, record_failure
@@ -28,10 +31,12 @@ from llmslim.recipe.schema import Recipe
 from llmslim.report import Calibration, Metrics, Report, StepRecord, write_json_atomic
 from llmslim.run_env import environment, evaluate_result, source_info
 from llmslim.steps import StepContext, run_step
+from llmslim.stream_run import streamed_run
 from llmslim.workspace import OutputLock, StepStore, WorkDir, run_log
 
 __all__ = ["RunOutcome", "run_recipe", "exit_code_for", "Run", "run_steps", "measure_baseline", "step_context",
-           "calibration_windows", "build_report", "invalid_metrics", "error_text", "load_original", "load_input"]
+           "calibration_windows", "build_report", "invalid_metrics", "error_text", "load_original", "load_input",
+           "step_record", "commit_step"]
 
 STATUS_EXIT = {"passed": EXIT_OK, "budget_failed": EXIT_BUDGET, "failed": EXIT_FAILED}
 
@@ -70,6 +75,7 @@ class Run:
     progress: Progress
     started: datetime
     t0: float
+    memory: PhaseLog | None = None  # the memory plan and each phase's measured peaks (the report's `memory`)
 
     @property
     def output(self) -> Path:
@@ -190,20 +196,33 @@ def _execute(run: Run) -> RunOutcome:
     recipe, fields = run.recipe, {}
     fields["environment"] = environment(run.device, recipe.model)
     LOGGER.info("%s: loading %s on %s", recipe.name, recipe.model, run.device)
-    tokenizer, model = load_input(run)
-    windows = prepare_eval_windows(recipe.evaluate, tokenizer)
-    calibration, fields["calibration"] = calibration_windows(recipe, tokenizer)
+    plan = plan_for_run(recipe)
+    streamed = streamed_run(run, plan)  # None: every phase resident, as before (UsageError: a step cannot stream)
+    run.memory = PhaseLog(plan, run.device)
+    with run.memory.measure("load"):  # a streamed run reads weights only when a phase needs them
+        tokenizer, model = load_input(run) if streamed is None else \
+            (load_tokenizer(str(run.model_path), recipe.trust_remote_code), None)
+        windows = prepare_eval_windows(recipe.evaluate, tokenizer)  # the tokenizer's peak is the load phase's
+        calibration, fields["calibration"] = calibration_windows(recipe, tokenizer)
     try:
-        fields["baseline"] = measure_baseline(run, model, windows)
+        fields["baseline"] = measure_baseline(
+            run, model, windows, evaluate=None if streamed is None else (lambda: streamed.baseline(windows)))
         if fields["baseline"].invalid:  # no point compressing a model that cannot be measured
             return _finish_failed(run, fields, invalid_metrics(fields))
-        model, fields["steps"] = run_steps(run, model, tokenizer, step_context(run, tokenizer, calibration,
-                                                                                  run.progress))
+        ctx = step_context(run, tokenizer, calibration, run.progress)
+        if streamed is None:
+            model, fields["steps"] = run_steps(run, model, tokenizer, ctx)
+        else:
+            fields["steps"] = streamed.steps(tokenizer, ctx)
         final_dir = run.store.checkpoint(len(recipe.steps) - 1)
         LOGGER.info("%s: evaluating the result", recipe.name)
-        fields["baseline"], fields["result"] = evaluate_result(
-            recipe, run.device, lambda: load_original(run), model, fields["baseline"],
-            size_bytes=weights_size_bytes(final_dir), windows=windows, progress=run.progress)
+        with run.memory.measure("evaluate"):
+            if streamed is None:
+                fields["baseline"], fields["result"] = evaluate_result(
+                    recipe, run.device, lambda: load_original(run), model, fields["baseline"],
+                    size_bytes=weights_size_bytes(final_dir), windows=windows, progress=run.progress)
+            else:
+                fields["baseline"], fields["result"] = streamed.evaluate(fields["baseline"], final_dir, windows)
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a step or evaluation is reported, exit 1
@@ -244,15 +263,19 @@ def invalid_metrics(fields: dict) -> str | None:
     return ("non-finite metric: " + "; ".join(parts)) if parts else None
 
 
-def measure_baseline(run: Run, model, windows) -> Metrics:
+def measure_baseline(run: Run, model, windows, evaluate: Callable[[], Metrics] | None = None) -> Metrics:
+    """The original model's metrics, cached in the work folder; ``evaluate`` measures them instead of
+    :func:`evaluate_model` on ``model`` (a streamed run)."""
     name = f"baseline-{run.keys.baseline[:16]}.json"
     cached = run.work.read_json(name)
     if cached is not None:
         LOGGER.info("%s: baseline restored from the work folder", run.recipe.name)
         return Metrics.model_validate(cached)
     LOGGER.info("%s: evaluating the original model (baseline)", run.recipe.name)
-    metrics = evaluate_model(model, run.recipe.evaluate, size_bytes=model_size_bytes(model, run.model_path),
-                             windows=windows, seed=run.recipe.seed, progress=run.progress)
+    with run.memory.measure("baseline") if run.memory else nullcontext():
+        metrics = evaluate() if evaluate is not None else evaluate_model(
+            model, run.recipe.evaluate, size_bytes=model_size_bytes(model, run.model_path), windows=windows,
+            seed=run.recipe.seed, progress=run.progress)
     if not getattr(metrics, "invalid", None):
         write_json_atomic(run.work.path / name, metrics.model_dump(mode="json"))
     return metrics
@@ -294,16 +317,25 @@ def run_steps(run: Run, model, tokenizer, ctx: StepContext, save: bool = True, f
             scratch.mkdir(parents=True, exist_ok=True)
         with PeakMemory(ctx.device) as peak:
             outcome = run_step(model, step, replace(ctx, scratch=scratch))
-        record = StepRecord(name=step.STEP_NAME, options=step.model_dump(mode="json"),
-                            wall_seconds=time.perf_counter() - start, peak_memory_bytes=peak.peak_bytes,
-                            changed=outcome.changed, layers=outcome.layers)
+        record = step_record(step, start, peak, outcome)
+        if run.memory is not None:
+            run.memory.record(f"step {index + 1} {step.STEP_NAME}", peak.peak_bytes, peak.host_peak_bytes,
+                              record.wall_seconds, peak.host_method)
         if save:
-            _save_step(store, index, model, tokenizer, record)
+            _save_step(store, index, model, tokenizer, record, run.recipe.memory.max_shard_size)
         records.append(record)
     return model, records
 
 
-def _save_step(store: StepStore, index: int, model, tokenizer, record: StepRecord) -> None:
+def step_record(step, start: float, peak: PeakMemory, outcome) -> StepRecord:
+    """What the report and the work folder keep of a step that ran now (``start``: its perf_counter start)."""
+    return StepRecord(name=step.STEP_NAME, options=step.model_dump(mode="json"),
+                      wall_seconds=time.perf_counter() - start, peak_memory_bytes=peak.peak_bytes,
+                      changed=outcome.changed, layers=outcome.layers)
+
+
+def _save_step(store: StepStore, index: int, model, tokenizer, record: StepRecord,
+               max_shard_size: int | None = None) -> None:
     """Checkpoint after a step: written aside, renamed, then its record (the commit mark)."""
     import shutil
 
@@ -313,7 +345,7 @@ def _save_step(store: StepStore, index: int, model, tokenizer, record: StepRecor
     needed = model_size_bytes(model, None) + 50_000_000
     check_free_space(store.folder, needed)
     try:
-        save_checkpoint(model, tokenizer, tmp)
+        save_checkpoint(model, tokenizer, tmp, max_shard_size)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         message = no_space_message(exc, store.folder, needed)
@@ -321,6 +353,13 @@ def _save_step(store: StepStore, index: int, model, tokenizer, record: StepRecor
             raise DiskSpaceError(f"saving step {index + 1}: {message}") from None
         raise
     tmp.rename(final)
+    commit_step(store, index, record)
+
+
+def commit_step(store: StepStore, index: int, record: StepRecord) -> None:
+    """Step ``index``'s checkpoint is in place: its record marks it complete; its scratch goes."""
+    import shutil
+
     write_json_atomic(store.record_path(index), record.model_dump(mode="json"))
     shutil.rmtree(store.scratch(index), ignore_errors=True)
 
@@ -333,7 +372,8 @@ def build_report(run: Run, status: str, fields: dict, error: str | None = None) 
                   recipe_sha256=run.recipe_hash, fingerprint=run.keys.steps,
                   evaluation_fingerprint=run.keys.evaluation, output=run.recipe.output,
                   inputs=run.digests.used, started_at=run.started.isoformat(), finished_at=finished.isoformat(),
-                  wall_seconds=time.perf_counter() - run.t0, **fields)
+                  wall_seconds=time.perf_counter() - run.t0,
+                  memory=run.memory.report() if run.memory is not None else None, **fields)
 
 
 def _finish_failed(run: Run, fields: dict, error: str) -> RunOutcome:

@@ -1,16 +1,17 @@
-"""``--dry-run``: what a recipe would do and roughly how much memory it needs,
-from the model's config alone: no weight file is opened and the network is
-never used (a hub id is looked up in the local Hugging Face cache only)."""
+"""``--dry-run``: what a recipe would do and how much memory (and roughly how
+long) each phase needs, from the model's config alone: no weight file is
+opened and the network is never used (a hub id is looked up in the local
+Hugging Face cache only). The per-phase estimate and the resident/streamed
+choice are :mod:`llmslim.memory_plan`'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmslim.memory_plan import MemoryPlan
 from llmslim.recipe.schema import Recipe
 
-__all__ = ["Plan", "plan_recipe"]
-
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+__all__ = ["Plan", "plan_recipe", "local_config"]
 
 
 @dataclass
@@ -22,11 +23,13 @@ class Plan:
     parameters: int | None
     weights_bytes: int | None
     calibration_bytes: int
-    estimated_peak_bytes: int | None
+    estimated_peak_bytes: int | None    # the largest device estimate over the phases
     note: str = ""
+    memory: MemoryPlan | None = None
+    weights_local: bool = True
 
 
-def _local_config(model_ref: str, trust_remote_code: bool):
+def local_config(model_ref: str, trust_remote_code: bool):
     """The model's config from local files only (never the network), and a note when the weights are not local."""
     from transformers import AutoConfig
 
@@ -43,40 +46,22 @@ def _local_config(model_ref: str, trust_remote_code: bool):
     return config, "" if local else f"weights not yet local (download with `hf download {model_ref}`); "
 
 
-def _count_parameters(model_ref: str, trust_remote_code: bool) -> tuple[int | None, str, int, str]:
-    """Parameters of the model built on the meta device, its stored dtype, its width, and a locality note."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def plan_recipe(recipe: Recipe, *, free_device_bytes: int | None = None,
+                free_host_bytes: int | None = None) -> Plan:
+    from llmslim.memory_estimates import calibration_activations
+    from llmslim.memory_plan import plan_memory, read_model_facts
 
-    config, note = _local_config(model_ref, trust_remote_code)
-    if config is None:
-        return None, "float32", 0, note
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # a GPTQ checkpoint: counted as its dense architecture
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    count = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    from llmslim.families import hidden_size
-
-    hidden = hidden_size(config.to_dict()) or 0
-    return count, dtype, hidden, note
-
-
-def plan_recipe(recipe: Recipe) -> Plan:
-    params, stored, hidden, local_note = _count_parameters(recipe.model, recipe.trust_remote_code)
-    dtype = stored if recipe.dtype == "auto" else recipe.dtype
-    weights = params * BYTES.get(dtype, 4) if params else None
+    facts, local_note = read_model_facts(recipe.model, recipe.dtype, recipe.trust_remote_code)
+    memory = plan_memory(recipe, free_device_bytes=free_device_bytes, free_host_bytes=free_host_bytes,
+                         facts=facts) if facts is not None else None
     calib = 0
-    if recipe.calibration is not None:
-        # layer inputs and outputs of every calibration window, in float32
-        calib = 2 * recipe.calibration.samples * recipe.calibration.seqlen * hidden * 4
-    peak = None if weights is None else int(weights * 1.2 + calib)
-    note = local_note + "estimate: weights x1.2 (activations, one layer's workspace) + calibration activations"
-    if params and any(s.STEP_NAME == "distill" for s in recipe.steps):
-        # the teacher, plus a float32 student with its gradients and two AdamW moments
-        peak = max(peak, int(weights * 2 + params * 4 * 4))
-        note += "; distill: teacher + fp32 student, gradients and AdamW state (activations not counted)"
+    if facts is not None and recipe.calibration is not None:
+        calib = calibration_activations(facts, recipe.calibration.samples, recipe.calibration.seqlen)
+    peak = max((p.device_bytes for p in memory.phases), default=None) if memory is not None else None
+    note = local_note + ("estimate per phase: weights held + that phase's working set "
+                         "(calibration activations, Hessians, logits, optimizer state)")
     return Plan(name=recipe.name, model=recipe.model, output=recipe.output,
-                steps=[s.describe() for s in recipe.steps], parameters=params, weights_bytes=weights,
-                calibration_bytes=calib, estimated_peak_bytes=peak, note=note)
+                steps=[s.describe() for s in recipe.steps],
+                parameters=facts.parameters if facts else None,
+                weights_bytes=facts.weight_bytes if facts else None, calibration_bytes=calib,
+                estimated_peak_bytes=peak, note=note, memory=memory, weights_local=not local_note)

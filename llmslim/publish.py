@@ -29,7 +29,8 @@ from llmslim.errors import DiskSpaceError
 from llmslim.progress import LOGGER
 
 __all__ = ["guard_output", "previous_report", "list_files", "output_problem", "recover", "publish", "staging_path", "foreign_files",
-           "FAILED_REPORT", "fsync_dir", "read_report_json", "is_llmslim_output", "no_space_message", "check_free_space"]
+           "FAILED_REPORT", "fsync_dir", "read_report_json", "is_llmslim_output", "no_space_message", "check_free_space",
+           "user_umask", "apply_umask"]
 
 FAILED_REPORT = ".last-failed-report.json"
 _OWN = {"report.json", FAILED_REPORT}
@@ -93,6 +94,36 @@ def foreign_files(folder: Path) -> list[str]:
     return sorted(set(list_files(folder)) - set(listed))
 
 
+def user_umask() -> int:
+    """The process's umask (from /proc/self/status where there is one, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and restore it at once)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (and everything under a folder) the modes a plain create would: files 0666 & ~umask
+    (0777 when executable), folders 0777 & ~umask. Staging and work files may be private (safetensors
+    writes 0600); published ones must be readable as the user's umask says. Links are left alone."""
+    mask = user_umask()
+    paths = [Path(path)] + (sorted(Path(path).rglob("*")) if Path(path).is_dir() else [])
+    for item in paths:
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or item.stat().st_mode & 0o111
+        try:
+            os.chmod(item, (0o777 if executable else 0o666) & ~mask)
+        except PermissionError as exc:  # a filesystem without modes: the files stay as they were written
+            LOGGER.warning("cannot set the mode of %s (%s); published files keep their modes", item, exc)
+            return
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -137,7 +168,8 @@ def recover(output: Path) -> None:
 
 
 def publish(staged: Path, output: Path) -> None:
-    """Replace ``output`` by the complete ``staged`` folder with two renames."""
+    """Replace ``output`` by the complete ``staged`` folder with two renames (modes as the umask says)."""
+    apply_umask(staged)
     fsync_dir(staged)
     old = None
     if output.exists():

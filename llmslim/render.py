@@ -9,8 +9,8 @@ from llmslim.report import Metrics, Report
 
 NOISY_SPREAD = 0.2  # = llmslim.evaluate.latency.NOISY_SPREAD (not imported: that pulls in torch)
 
-__all__ = ["metrics_table", "report_tables", "compare_table", "summary_table", "plan_table", "search_table",
-           "leaderboard_table"]
+__all__ = ["metrics_table", "report_tables", "compare_table", "summary_table", "plan_table", "plan_tables",
+           "memory_plan_table", "memory_record_table", "search_table", "leaderboard_table"]
 
 _ROWS = [
     ("perplexity", "perplexity", "{:.3f}"),
@@ -139,6 +139,8 @@ def report_tables(report: Report) -> list[Table]:
             cells = _row(b.name, f"{b.limit:.4g}", actual + (f" ({b.note})" if b.note else ""))
             budgets.add_row(*cells, Text("yes") if b.passed else Text("NO", style="red"))
         tables.append(budgets)
+    if report.memory is not None and report.memory.phases:
+        tables.append(memory_record_table(report.memory))
     return tables
 
 
@@ -177,7 +179,56 @@ def plan_table(plan) -> Table:
     table.add_row(*_row("parameters", _fmt(plan.parameters, "{:,}")))
     table.add_row(*_row("weights (MB)", _fmt(plan.weights_bytes, "mb")))
     table.add_row(*_row("estimated peak (MB)", _fmt(plan.estimated_peak_bytes, "mb")))
+    if not plan.weights_local:
+        table.add_row(Text("weights"), Text("not yet local: the run needs them downloaded first", style="yellow"))
     table.add_row(*_row("note", plan.note))
+    return table
+
+
+def _limit(value) -> str:
+    return "none" if value is None else f"{value / 1e6:,.0f} MB"
+
+
+def memory_plan_table(memory) -> Table:
+    """The memory plan (llmslim.memory_plan.MemoryPlan): each phase's mode and estimated peaks."""
+    from llmslim.memory_estimates import HEADROOM
+
+    title = (f"memory plan on {memory.device}: device limit {_limit(memory.device_limit)}, host limit "
+             f"{_limit(memory.host_limit)} ({memory.limits_from})")
+    caption = list(memory.notes) + [f"a phase fits when its estimate is at most {HEADROOM:.0%} of the limit; "
+                                     "estimates from the config alone; seconds are rough"]
+    if memory.device == "cpu":
+        caption.append("on cpu the device is the host: one memory, the process's resident set")
+    table = Table(title=Text(title), caption=Text("\n".join(caption)))
+    for col in ("phase", "mode", "device MB", "host MB", "s", "acts on", "why"):
+        table.add_column(col, justify="right" if col.endswith(("MB", "s")) and col != "acts on" else "left",
+                         no_wrap=col == "phase", overflow="fold")
+    for p in memory.phases:
+        cells = _row(p.phase, p.mode, _fmt(p.device_bytes, "mb"), _fmt(p.host_bytes, "mb"),
+                     _fmt(p.seconds, "{:.1f}"), p.activations, p.reason)
+        if not p.fits:
+            cells[-1].stylize("red")
+        table.add_row(*cells)
+    return table
+
+
+def plan_tables(plan) -> list[Table]:
+    """The dry run: the plan, then its memory plan per phase when the config was readable."""
+    return [plan_table(plan)] + ([memory_plan_table(plan.memory)] if plan.memory is not None else [])
+
+
+def memory_record_table(memory) -> Table:
+    """A report's ``memory``: each phase's estimate beside what the run measured."""
+    table = Table(title=Text(f"memory per phase on {memory.device}: estimated vs measured"),
+                  caption=Text(f"host: {memory.host_measure or 'not measured'}; - : not run now"))
+    for col in ("phase", "mode", "device MB est.", "device MB meas.", "host MB est.", "host MB meas.",
+                "s est.", "s meas."):
+        table.add_column(col, justify="left" if col in ("phase", "mode") else "right")
+    for p in memory.phases:
+        table.add_row(*_row(p.phase, p.mode, _fmt(p.estimated_device_bytes, "mb"),
+                            _fmt(p.measured_device_bytes, "mb"), _fmt(p.estimated_host_bytes, "mb"),
+                            _fmt(p.measured_host_bytes, "mb"), _fmt(p.estimated_seconds, "{:.1f}"),
+                            _fmt(p.measured_seconds, "{:.1f}")))
     return table
 
 

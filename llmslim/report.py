@@ -21,6 +21,8 @@ __all__ = [
     "StepRecord",
     "BudgetResult",
     "Report",
+    "PhaseMemory",
+    "MemoryRecord",
     "read_report",
     "write_json_atomic",
 ]
@@ -77,6 +79,9 @@ class Metrics(_Model):
     energy_j_per_token: float | None = Field(None, description="joules over the timed runs / tokens processed")
     energy_source: str | None = None
     energy_unavailable_reason: str | None = None
+    latency_unavailable_reason: str | None = Field(
+        None, description="why latency was not measured although the recipe asks for it (e.g. the model does "
+        "not fit the device and was evaluated layer by layer)")
     device: str
     dtype: str
     linear_kernel: str | None = Field(None, description="how quantized linears ran, when there are any")
@@ -138,6 +143,36 @@ class Environment(_Model):
         None, description="the file the input model was converted from (a GGUF file: its sha256 and tensor types)")
 
 
+class PhaseMemory(_Model):
+    """One phase's memory plan (from the config, before loading) beside what the run measured."""
+
+    phase: str = Field(description="load, baseline, step N <name>, evaluate")
+    mode: Literal["resident", "streamed"] = Field(description="the whole model on the device, or one layer at a time")
+    activations: Literal["device", "host"] = Field(description="where the calibration activations were planned")
+    estimated_device_bytes: int
+    estimated_host_bytes: int
+    estimated_seconds: float | None = Field(None, description="rough")
+    measured_device_bytes: int | None = Field(
+        None, description="peak of this phase: max allocated on CUDA, the process RSS on CPU; null when the phase "
+        "did not run now (a resumed step, a cached baseline)")
+    measured_host_bytes: int | None = Field(None, description="peak process RSS during this phase")
+    measured_seconds: float | None = None
+    reason: str = Field("", description="why this mode")
+
+
+class MemoryRecord(_Model):
+    """The memory plan of the run and the measured peaks, per phase."""
+
+    device: str
+    device_limit: int | None = Field(None, description="bytes the plan was made for")
+    host_limit: int | None = None
+    limits_from: str = Field("", description="recipe memory block, or the free memory seen at the start")
+    host_base_bytes: int | None = Field(None, description="the process's RSS when the plan was made (before "
+                                        "loading), counted in every host estimate")
+    host_measure: str = Field("", description="how host peaks were measured (VmHWM reset per phase, or sampled RSS)")
+    phases: list[PhaseMemory] = Field(default_factory=list)
+
+
 class Report(_Model):
     schema_version: Literal[1] = SCHEMA_VERSION
     status: Literal["passed", "budget_failed", "failed"]
@@ -161,6 +196,8 @@ class Report(_Model):
     started_at: str
     finished_at: str
     wall_seconds: float
+    memory: MemoryRecord | None = Field(None, description="estimated vs measured memory per phase; null in "
+                                        "reports written before llmslim planned memory")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -168,7 +205,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"  # NaN is not JSON
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)  # never through a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)  # never through a link; umask applies
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()

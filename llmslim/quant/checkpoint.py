@@ -103,14 +103,20 @@ def write_quantize_config(folder: Path, config) -> None:
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint: single or sharded (index) in HF's layout, else (other GPTQ tools'
+    names, e.g. ``gptq_model-4bit-128g.safetensors``) every safetensors file of the folder."""
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        [p.name for p in sorted(path.glob("*.safetensors"))]
+    from llmslim.shards import INDEX_FILE, SINGLE_FILE, iter_checkpoint_tensors
+
+    if (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file():
+        try:
+            return dict(iter_checkpoint_tensors(path))
+        except (ValueError, FileNotFoundError) as exc:
+            raise ModelLoadError(f"{path}: cannot read the GPTQ checkpoint's weights: {exc}") from None
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(path / name))
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
     return state
 
 

@@ -1,5 +1,6 @@
 """Where a recipe may write: the output may never be, contain or lie inside
-anything the recipe reads, nor be or contain the recipe's own folder.
+anything the recipe reads, nor be or contain the recipe's own folder; the
+same holds for ``memory.offload_folder``, which also keeps clear of the output.
 
 Paths are compared after resolving symbolic links, so a link to the model
 folder is the model folder."""
@@ -72,3 +73,25 @@ def check_output_path(recipe: Recipe, recipe_dir: Path, add: Callable) -> None:
     problem = _writable_problem(output)
     if problem:
         add(loc, problem)
+    if recipe.memory.offload_folder is not None:
+        _check_offload_folder(Path(recipe.memory.offload_folder).resolve(), output, recipe, recipe_dir, add)
+
+
+def _check_offload_folder(offload: Path, output: Path, recipe: Recipe, recipe_dir: Path, add: Callable) -> None:
+    """The offload folder is written and emptied by a run: it may not be, hold or lie inside what the recipe
+    reads, nor the output (which a run replaces)."""
+    loc = ("memory", "offload_folder")
+    if offload == Path(offload.anchor):
+        add(loc, "the offload folder cannot be the root of the filesystem")
+        return
+    targets = protected_inputs(recipe, recipe_dir) + [("the output", output, True)]
+    for what, path, folder in targets:
+        if offload == path:
+            add(loc, f"{offload} is {what}; choose another offload folder")
+        elif offload in path.parents:
+            add(loc, f"{offload} contains {what} ({path}); choose another offload folder")
+        elif folder and _inside(offload, path):
+            add(loc, f"{offload} lies inside {what} ({path}); choose another offload folder")
+    problem = _writable_problem(offload)
+    if problem:
+        add(loc, problem.replace("an output", "an offload folder"))

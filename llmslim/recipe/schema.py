@@ -30,6 +30,7 @@ from pydantic import model_validator
 
 from llmslim.recipe.limits import MAX_COUNT, MAX_SAMPLES, MAX_SEED, MAX_SEQLEN
 from llmslim.recipe.steps import StepConfig
+from llmslim.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 __all__ = [
     "Recipe",
@@ -43,6 +44,7 @@ __all__ = [
     "SampleConfig",
     "ObjectiveConfig",
     "RangeSpec",
+    "MemoryConfig",
 ]
 
 DATASET_KINDS = ("text", "jsonl", "builtin", "hf")
@@ -120,6 +122,32 @@ class BudgetsConfig(Strict):
     max_energy_j_per_token: float | None = Field(None, gt=0)
 
 
+def _size(value: object) -> object:
+    """``"20GB"`` / ``"5GiB"`` / a number of bytes -> bytes (llmslim.shards.parse_size)."""
+    return parse_size(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
+
+class MemoryConfig(Strict):
+    """Memory limits and how the model is held; without the block llmslim decides from the free memory it sees."""
+
+    max_device_memory: Size | None = Field(
+        None, description="device memory llmslim may use, e.g. 20GB or 18GiB; default: what is free on the device")
+    max_host_memory: Size | None = Field(
+        None, description="host (CPU) memory llmslim may use, e.g. 64GB; default: MemAvailable of /proc/meminfo")
+    offload_folder: str | None = Field(
+        None, min_length=1, description="where a streamed run keeps layers off the device (relative to the recipe; "
+                                        "never inside the model, the output or a dataset)")
+    mode: Literal["auto", "resident", "streamed"] = Field(
+        "auto", description="resident: the whole model on the device; streamed: decoder layers one at a time; "
+                            "auto: resident when the model and its working set fit the device limit")
+    max_shard_size: Size = Field(
+        DEFAULT_MAX_SHARD_SIZE, description="largest safetensors shard of the output (as transformers' save_pretrained, "
+                                "default 50GB); larger checkpoints are sharded with model.safetensors.index.json")
+
+
 # --- the `search:` block (llmslim search RECIPE) ------------------------------------------------------
 
 MAX_TRIALS = 1000
@@ -190,6 +218,7 @@ class Recipe(Strict):
     budgets: BudgetsConfig = BudgetsConfig()
     output: str = Field(min_length=1)
     search: SearchConfig | None = Field(None, description="variants for `llmslim search`")
+    memory: MemoryConfig = Field(MemoryConfig(), description="memory limits and the resident/streamed mode")
 
     def steps_as_yaml(self) -> list[dict]:
         """The steps in recipe form: one single-key mapping each."""
@@ -201,4 +230,6 @@ class Recipe(Strict):
         data["steps"] = self.steps_as_yaml()
         if data.get("search") is None:
             data.pop("search", None)
+        if self.memory == MemoryConfig():
+            data.pop("memory", None)  # the default block is not written (reports of older runs stay comparable)
         return data
