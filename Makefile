@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-search bench-sparsity schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-search bench-sparsity bench-memory-plan schema clean
 
 install: $(STAMP)
 
@@ -57,6 +57,9 @@ bench-smollm2-prune: $(STAMP)
 bench-smollm2-distill: $(STAMP)
 	cd benchmarks && ../$(BIN)/python smollm2_distill.py $(BENCH_ARGS)
 
+bench-smollm2-sparsity: $(STAMP)
+	cd benchmarks && ../$(BIN)/python smollm2_sparsity.py $(BENCH_ARGS)
+
 # llmslim search: a 12-trial grid (prune x bits x group size) on ../shared/models/pydocs-llama-9m
 bench-search: $(STAMP)
 	cd benchmarks && ../$(BIN)/python search.py $(BENCH_ARGS)
@@ -64,3 +67,7 @@ bench-search: $(STAMP)
 # sparsify: magnitude / wanda / sparsegpt / taylor at 50% and 2:4, and 3-round schedules, on ../shared/models/pydocs-llama-9m
 bench-sparsity: $(STAMP)
 	cd benchmarks && ../$(BIN)/python sparsity.py $(BENCH_ARGS)
+
+# the memory plan's estimate beside each phase's measured peak: the demo model and ../shared/models/pydocs-llama-9m
+bench-memory-plan: $(STAMP)
+	cd benchmarks && ../$(BIN)/python memory_plan.py $(BENCH_ARGS)
