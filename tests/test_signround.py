@@ -15,7 +15,7 @@ from llmslim.modeling import find_linears, linear_weight, load_model, load_token
 from llmslim.progress import Progress
 from llmslim.quant import QuantSpec, rtn_quantize_weight
 from llmslim.quant.qlinear import QuantLinear
-from llmslim.quant.quantizer import _grid_from_range
+from llmslim.quant.quantizer import grid_from_range
 from llmslim.quant.signround import LearnedRounding, group_ranges, learned_grid
 from llmslim.recipe import load_recipe
 from llmslim.recipe.steps import RtnConfig, SignroundConfig
@@ -73,7 +73,7 @@ def test_clipped_grid_is_the_quantizers_grid_of_the_clipped_range(sym):
     gen = torch.Generator().manual_seed(1)
     alpha, beta = 0.5 + 0.5 * torch.rand(xmax.shape, generator=gen), 0.5 + 0.5 * torch.rand(xmax.shape, generator=gen)
     scale, zero = learned_grid(xmin, xmax, alpha, None if sym else beta, 7, sym)
-    ref_scale, ref_zero = _grid_from_range((alpha if sym else beta) * xmin, alpha * xmax, 7, sym)
+    ref_scale, ref_zero = grid_from_range((alpha if sym else beta) * xmin, alpha * xmax, 7, sym)
     assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
 
 

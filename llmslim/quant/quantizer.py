@@ -75,8 +75,9 @@ class QuantSpec:
         return gs, -(-columns // gs)
 
 
-def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool):
-    """Scale and zero ``[R]`` for ranges ``[xmin, xmax]`` (``xmin <= 0 <= xmax``)."""
+def grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool, rounding=torch.round):
+    """Scale and zero ``[R]`` for ranges ``[xmin, xmax]`` (``xmin <= 0 <= xmax``); ``rounding`` rounds the
+    zero point (learned rounding passes a straight-through one, to differentiate through the range)."""
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -86,7 +87,7 @@ def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: boo
     scale = (xmax - xmin) / maxq
     if sym:
         return scale, torch.full_like(scale, float((maxq + 1) // 2))
-    zero = torch.round(-xmin / scale).clamp(0, maxq)
+    zero = rounding(-xmin / scale).clamp(0, maxq)
     low = zero < 1   # the v1 format cannot store a zero of 0: move the grid down one step
     scale = torch.where(low, xmax / (maxq - 1), scale)
     return scale, torch.where(low, torch.ones_like(zero), zero)
@@ -109,11 +110,11 @@ def _mse_search(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: i
                 importance: torch.Tensor | None = None):
     """Shrink each row's range by the ratio that minimises ``sum |w - q(w)|**MSE_NORM``,
     each column's error weighted by ``importance`` when given."""
-    best_scale, best_zero = _grid_from_range(xmin, xmax, maxq, sym)
+    best_scale, best_zero = grid_from_range(xmin, xmax, maxq, sym)
     best_err = torch.full_like(xmin, float("inf"))
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         p = 1.0 - i / MSE_GRID
-        scale, zero = _grid_from_range(p * xmin, p * xmax, maxq, sym)
+        scale, zero = grid_from_range(p * xmin, p * xmax, maxq, sym)
         s, z = scale.unsqueeze(1), zero.unsqueeze(1)
         err = (dequantize(quantize(w, s, z, maxq), s, z) - w).abs_().pow_(MSE_NORM)          # [R, C]
         err = (err if importance is None else err.mul_(importance)).sum(1)                   # [R]
@@ -143,7 +144,7 @@ def find_params(w: torch.Tensor, spec: QuantSpec,
     if spec.scale_search == "mse":
         scale, zero = _mse_search(w, xmin, xmax, spec.maxq, spec.sym, importance)
     else:
-        scale, zero = _grid_from_range(xmin, xmax, spec.maxq, spec.sym)
+        scale, zero = grid_from_range(xmin, xmax, spec.maxq, spec.sym)
     return scale.unsqueeze(1), zero.unsqueeze(1)
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from llmslim.calibration import LayerInputs
 from llmslim.modeling import is_conv1d, linear_weight
-from llmslim.quant.quantizer import QuantizedWeight, QuantSpec
+from llmslim.quant.quantizer import QuantizedWeight, QuantSpec, grid_from_range
 
 __all__ = ["round_ste", "group_ranges", "learned_grid", "LearnedRounding", "RoundingStats", "optimise_layer",
            "OFFSET_BOUND", "CLIP_RANGE"]
@@ -75,20 +75,7 @@ def learned_grid(xmin: torch.Tensor, xmax: torch.Tensor, alpha: torch.Tensor, be
     """Scale and zero of the ranges ``[β·xmin, α·xmax]`` (symmetric: ``α·max|x|``), differentiable in
     ``α`` and ``β``; the forward values are those of the quantizer's grid for the same ranges."""
     xmin = xmin * (alpha if sym or beta is None else beta)
-    xmax = xmax * alpha
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
-    scale = (xmax - xmin) / maxq
-    if sym:
-        return scale, torch.full_like(scale, float((maxq + 1) // 2))
-    zero = round_ste(-xmin / scale).clamp(0, maxq)
-    low = (zero < 1).detach()   # the GPTQ v1 format cannot store a zero of 0: the grid moves down one step
-    scale = torch.where(low, xmax / (maxq - 1), scale)
-    return scale, torch.where(low, torch.ones_like(zero), zero)
+    return grid_from_range(xmin, xmax * alpha, maxq, sym, rounding=round_ste)
 
 
 class LearnedRounding:
