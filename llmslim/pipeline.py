@@ -25,7 +25,7 @@ from llmslim.modeling import load_model, load_tokenizer, resolve_device, resolve
 from llmslim.modeling import weights_size_bytes
 from llmslim.outcome import publish_output, record_failure
 from llmslim.progress import LOGGER, Progress
-from llmslim.publish import check_free_space, guard_output, no_space_message, output_problem, previous_report
+from llmslim.publish import guard_output, no_space_message, output_problem, previous_report, writing_step
 from llmslim.publish import recover
 from llmslim.recipe.schema import Recipe
 from llmslim.report import Calibration, Metrics, Report, StepRecord, write_json_atomic
@@ -337,21 +337,9 @@ def step_record(step, start: float, peak: PeakMemory, outcome) -> StepRecord:
 def _save_step(store: StepStore, index: int, model, tokenizer, record: StepRecord,
                max_shard_size: int | None = None) -> None:
     """Checkpoint after a step: written aside, renamed, then its record (the commit mark)."""
-    import shutil
-
     final, tmp = store.checkpoint(index), store.temporary(index)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(final, ignore_errors=True)
-    needed = model_size_bytes(model, None) + 50_000_000
-    check_free_space(store.folder, needed)
-    try:
+    with writing_step(final, tmp, index, model_size_bytes(model, None) + 50_000_000):
         save_checkpoint(model, tokenizer, tmp, max_shard_size)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        message = no_space_message(exc, store.folder, needed)
-        if message:
-            raise DiskSpaceError(f"saving step {index + 1}: {message}") from None
-        raise
     tmp.rename(final)
     commit_step(store, index, record)
 

@@ -23,6 +23,8 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmslim.errors import DiskSpaceError
@@ -238,3 +240,23 @@ def guard_output(output: Path, prev, name: str, force: bool) -> None:
     if prev is not None and prev.name != name and not force:
         raise OutputError(f"output folder {output} holds the output of recipe {prev.name!r}, not {name!r}; "
                           "choose another output or pass --force")
+
+
+@contextmanager
+def writing_step(final: Path, tmp: Path, index: int, needed: int) -> Iterator[Path]:
+    """Write step ``index``'s checkpoint into ``tmp`` (stale ``tmp``/``final`` removed, ``needed`` bytes of
+    free space checked first). On failure ``tmp`` is removed, and a full disk is a :class:`DiskSpaceError`."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    check_free_space(tmp.parent, needed)
+    try:
+        yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = no_space_message(exc, tmp.parent, needed)
+        if message:
+            raise DiskSpaceError(f"saving step {index + 1}: {message}") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

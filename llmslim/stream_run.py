@@ -20,14 +20,13 @@ checkpoint is written aside, renamed, then committed by its record.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from llmslim.errors import DiskSpaceError, StepError, UsageError
+from llmslim.errors import StepError, UsageError
 from llmslim.evaluate import evaluate_model, model_size_bytes
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.streamed import evaluate_streamed
@@ -35,7 +34,7 @@ from llmslim.memory_estimates import phase_names
 from llmslim.memory_plan import MemoryPlan
 from llmslim.modeling import load_model, weights_size_bytes
 from llmslim.progress import LOGGER
-from llmslim.publish import check_free_space, no_space_message
+from llmslim.publish import writing_step
 from llmslim.quant.checkpoint import write_quantize_config
 from llmslim.report import Metrics, StepRecord
 from llmslim.run_env import evaluate_result
@@ -222,24 +221,11 @@ class StreamedRun:
     def _stream_step(self, index: int, step, source: Path, ctx: StepContext, tokenizer, phase: str) -> StepOutcome:
         store = self.run.store
         final, tmp = store.checkpoint(index), store.temporary(index)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
         lazy = self._lazy(source)
-        needed = lazy.saved_bytes() + 50_000_000
-        check_free_space(store.folder, needed)
-        try:
+        with writing_step(final, tmp, index, lazy.saved_bytes() + 50_000_000):
             return write_streamed_step(lazy, step, ctx, tmp, tokenizer,
                                        max_shard_size=self.run.recipe.memory.max_shard_size,
                                        activations=self._activations(phase))
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            message = no_space_message(exc, store.folder, needed)
-            if message:
-                raise DiskSpaceError(f"saving step {index + 1}: {message}") from None
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _resident_step(self, index: int, step, source: Path, ctx: StepContext, tokenizer, start: float,
                        phase: str) -> StepRecord:

@@ -86,27 +86,31 @@ def evaluate_model(model, cfg: EvaluateConfig, *, size_bytes: int, windows=None,
         if windows is not None:
             data, settings = windows
             batch = cfg.perplexity.batch_size if cfg.perplexity else 1
-            loss = mean_nll(model, data, batch_size=batch, progress=progress)
-            values["perplexity"] = safe_exp(loss)
-            values["perplexity_settings"] = settings
-            reasons["perplexity"] = perplexity_reason(loss)
+            values, reasons = perplexity_values(mean_nll(model, data, batch_size=batch, progress=progress),
+                                                settings)
         if cfg.latency is not None:
             if progress:
                 progress.log("measuring latency")
             lat = measure_latency(model, cfg.latency, seed=seed, meter=meter)
     values.update(_latency_fields(lat, cfg, meter))
-    values, invalid = split_finite(values, {**reasons, **_rate_reasons(lat)})
-    return Metrics(
-        parameters=params,
-        size_bytes=size_bytes,
-        bits_per_parameter=8.0 * size_bytes / params,
-        peak_memory_bytes=peak.peak_bytes,
-        device=str(device),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        linear_kernel=_linear_kernel(model),
-        invalid=invalid,
-        **values,
-    )
+    return build_metrics(values, {**reasons, **_rate_reasons(lat)}, parameters=params, size_bytes=size_bytes,
+                         peak_bytes=peak.peak_bytes, device=device, dtype=next(model.parameters()).dtype,
+                         linear_kernel=_linear_kernel(model))
+
+
+def perplexity_values(loss: float, settings) -> tuple[dict, dict]:
+    """The perplexity fields of ``Metrics`` from a mean next-token loss, and why it is invalid if it is."""
+    return ({"perplexity": safe_exp(loss), "perplexity_settings": settings},
+            {"perplexity": perplexity_reason(loss)})
+
+
+def build_metrics(values: dict, reasons: dict, *, parameters: int, size_bytes: int, peak_bytes: int,
+                  device: torch.device, dtype: torch.dtype, linear_kernel: str | None) -> Metrics:
+    """``Metrics`` from the measured ``values``; non-finite ones become null with their ``reasons``."""
+    values, invalid = split_finite(values, reasons)
+    return Metrics(parameters=parameters, size_bytes=size_bytes, bits_per_parameter=8.0 * size_bytes / parameters,
+                   peak_memory_bytes=peak_bytes, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                   linear_kernel=linear_kernel, invalid=invalid, **values)
 
 
 def remeasure_latency(baseline_model, result_model, cfg: EvaluateConfig, seed: int) -> tuple[dict, dict]:

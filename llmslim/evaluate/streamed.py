@@ -23,10 +23,9 @@ from contextlib import contextmanager
 import torch
 
 from llmslim.calibration import _layers_pass_through, capture_layer_inputs, run_layer
-from llmslim.evaluate import kernel_summary, linear_kernels
+from llmslim.evaluate import build_metrics, kernel_summary, linear_kernels, perplexity_values
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.perplexity import window_nll
-from llmslim.evaluate.validity import perplexity_reason, safe_exp, split_finite
 from llmslim.recipe.schema import EvaluateConfig
 from llmslim.report import Metrics
 
@@ -97,21 +96,9 @@ def evaluate_streamed(lazy, cfg: EvaluateConfig, *, size_bytes: int, windows, de
             batch = cfg.perplexity.batch_size if cfg.perplexity else 1
             loss = streamed_mean_nll(lazy, data, device=device, batch_size=batch, activations=activations,
                                      progress=progress, kernels=kernels)
-            values["perplexity"] = safe_exp(loss)
-            values["perplexity_settings"] = settings
-            reasons["perplexity"] = perplexity_reason(loss)
+            values, reasons = perplexity_values(loss, settings)
     if cfg.latency is not None:
         values["latency_unavailable_reason"] = f"latency and energy need the model resident: {reason}"
         values["energy_unavailable_reason"] = "latency was not measured (streamed evaluation)"
-    values, invalid = split_finite(values, reasons)
-    return Metrics(
-        parameters=params,
-        size_bytes=size_bytes,
-        bits_per_parameter=8.0 * size_bytes / params,
-        peak_memory_bytes=peak.peak_bytes,
-        device=str(device),
-        dtype=str(lazy.model.dtype).removeprefix("torch."),
-        linear_kernel=kernel_summary(kernels),
-        invalid=invalid,
-        **values,
-    )
+    return build_metrics(values, reasons, parameters=params, size_bytes=size_bytes, peak_bytes=peak.peak_bytes,
+                         device=device, dtype=lazy.model.dtype, linear_kernel=kernel_summary(kernels))
