@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from smollm2_tier import BASELINE_NOTE, WIKITEXT, Rows, Timer, machine, model_folder_or_skip, ppl, windows
+from smollm2_tier import BASELINE_NOTE, WIKITEXT, Rows, Timer, machine, ppl, tier_setup
 
 from common import saved_size, torch
 
@@ -34,17 +34,13 @@ def main() -> None:
     parser.add_argument("--losses", default="kl,ce")
     parser.add_argument("--fresh", action="store_true", help="remeasure every row")
     args = parser.parse_args()
-    folder = model_folder_or_skip()
+    folder, calib, eval_ids, ctx = tier_setup()
+    tokenizer = ctx.tokenizer
 
-    from llmslim.modeling import count_parameters, load_model, load_tokenizer
-    from llmslim.progress import Progress
+    from llmslim.modeling import count_parameters, load_model
     from llmslim.recipe.steps import DistillConfig, PruneConfig
-    from llmslim.steps import StepContext, run_step
+    from llmslim.steps import run_step
 
-    tokenizer = load_tokenizer(str(folder))
-    calib, eval_ids = windows(tokenizer)
-    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
-                      calibration=calib, model_path=folder, dtype="float32")
     rows = Rows("distill", COLUMNS, args.fresh)
     base = rows.get("original")
     if base is None:

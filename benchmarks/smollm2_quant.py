@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from smollm2_tier import BASELINE_NOTE, CALIB_SAMPLES, CALIB_SEQLEN, Rows, Timer, machine, model_folder_or_skip, ppl, windows
+from smollm2_tier import BASELINE_NOTE, CALIB_SAMPLES, CALIB_SEQLEN, Rows, Timer, machine, ppl, tier_setup
 
 from common import saved_size, torch
 
@@ -139,18 +139,11 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES,
                         help="calibration windows (fewer than 128: rows keyed and labelled with it)")
     args = parser.parse_args()
-    folder = model_folder_or_skip()
+    folder, calib, eval_ids, ctx = tier_setup(args.calib_samples)
+    from llmslim.modeling import load_model
 
-    from llmslim.modeling import load_model, load_tokenizer
-    from llmslim.progress import Progress
-    from llmslim.steps import StepContext
-
-    tokenizer = load_tokenizer(str(folder))
-    calib, eval_ids = windows(tokenizer, args.calib_samples)
     tag = "" if args.calib_samples == CALIB_SAMPLES else f"-c{args.calib_samples}"
     calib_label = f"{args.calib_samples} x {CALIB_SEQLEN}"
-    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
-                      calibration=calib)
     rows = Rows("quant", COLUMNS, args.fresh)
     base = rows.get("baseline")
     if base is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from smollm2_tier import BASELINE_NOTE, Rows, Timer, machine, model_folder_or_skip, ppl, windows
+from smollm2_tier import BASELINE_NOTE, Rows, Timer, machine, ppl, tier_setup
 
 from common import torch
 
@@ -26,17 +26,12 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="remeasure every row")
     parser.add_argument("--only", default="", help="comma-separated substrings of row keys (e.g. wanda-50%%)")
     args = parser.parse_args()
-    folder = model_folder_or_skip()
+    folder, calib, eval_ids, ctx = tier_setup()
 
-    from llmslim.modeling import load_model, load_tokenizer
-    from llmslim.progress import Progress
+    from llmslim.modeling import load_model
     from llmslim.recipe.steps import SparsifyConfig
-    from llmslim.steps import StepContext, run_step
+    from llmslim.steps import run_step
 
-    tokenizer = load_tokenizer(str(folder))
-    calib, eval_ids = windows(tokenizer)
-    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
-                      calibration=calib, model_path=folder, dtype="float32")
     rows = Rows("sparsity", COLUMNS, args.fresh)
     base = rows.get("dense")
     if base is None:

@@ -75,6 +75,21 @@ def windows(tokenizer, samples: int = CALIB_SAMPLES) -> tuple[torch.Tensor, torc
     return calib, eval_windows(tokenize_text(tokenizer, test), SEQLEN, EVAL_WINDOWS)
 
 
+def tier_setup(samples: int = CALIB_SAMPLES):
+    """What every script of the tier starts from: (the model folder, calibration windows, evaluation
+    windows, a CPU step context with the tokenizer, the calibration and the model as teacher/reference)."""
+    from llmslim.modeling import load_tokenizer
+    from llmslim.progress import Progress
+    from llmslim.steps import StepContext
+
+    folder = model_folder_or_skip()
+    tokenizer = load_tokenizer(str(folder))
+    calib, eval_ids = windows(tokenizer, samples)
+    ctx = StepContext(tokenizer=tokenizer, device=torch.device("cpu"), seed=0, progress=Progress(quiet=True),
+                      calibration=calib, model_path=folder, dtype="float32")
+    return folder, calib, eval_ids, ctx
+
+
 def ppl(model, eval_ids: torch.Tensor) -> float:
     from llmslim.evaluate.perplexity import perplexity
 
