@@ -248,23 +248,22 @@ def _result_weights(f: ModelFacts, recipe) -> int:
 
 
 def _pair(f: ModelFacts, weights: int, work: tuple[int, int], acts: int, seconds: float | None, *,
-          on_cpu: bool, base: int, host_transit: int = 0, shard: int = 0,
-          host_work: int = 0) -> tuple[Estimate, Estimate]:
+          on_cpu: bool, base: int, host_transit: int = 0, host_work: int = 0) -> tuple[Estimate, Estimate]:
     """(resident, streamed) estimates of a phase that holds ``weights`` and needs ``work`` (resident,
     streamed) beside them; ``base`` is what the host holds anyway (process, tokenized text),
     ``host_transit`` what passes through the host (weights read on their way to the device), and
     ``host_work`` what the phase needs on the host in either mode (a step's own tokenizing). Streamed, a
-    unit is read from disk onto the device (twice its size at the switch), and ``shard`` bytes of
-    finished layers wait on the host for the output's ShardWriter."""
+    unit is read from disk onto the device (twice its size at the switch); finished layers go to the
+    output's spooled ShardWriter, on disk."""
     unit = min(f.unit_bytes, weights)
     slow = None if seconds is None else seconds * 1.5 + weights / RATES["cpu"]["disk"]
     base += host_work
     if on_cpu:  # one memory: the process holds everything
         resident = Estimate(weights, base + weights + work[0], base + weights + work[0], acts, seconds)
-        streamed_bytes = base + 2 * unit + work[1] + shard
+        streamed_bytes = base + 2 * unit + work[1]
         return resident, Estimate(unit, streamed_bytes, streamed_bytes, acts, slow)
     resident = Estimate(weights, weights + work[0], base + host_transit, acts, seconds)
-    streamed = Estimate(unit, 2 * unit + work[1], base + unit + shard, acts, slow)
+    streamed = Estimate(unit, 2 * unit + work[1], base + unit, acts, slow)
     return resident, streamed
 
 
@@ -288,7 +287,6 @@ def phase_estimates(recipe, f: ModelFacts, *, on_cpu: bool, base_host: int, text
     rate = RATES["cpu" if on_cpu else "cuda"]
     held = base_host + TOKENIZED_HELD_BYTES_PER_CHAR * text_chars + RUNTIME_HOST_BYTES
     weights = f.weight_bytes
-    shard = min(recipe.memory.max_shard_size, weights)
     load_s = weights / rate["disk"]
     out = [("load", *_load(f, on_cpu=on_cpu, base=base_host, tokenize=TOKENIZE_PEAK_BYTES_PER_CHAR * text_chars,
                            seconds=load_s))]
@@ -300,7 +298,7 @@ def phase_estimates(recipe, f: ModelFacts, *, on_cpu: bool, base_host: int, text
         resident, streamed, acts, flops = _step_working(f, step, recipe)
         out.append((f"step {i} {step.STEP_NAME}", *_pair(f, weights, (resident, streamed), acts,
                                                           _step_seconds(f, step, recipe, flops, rate),
-                                                          on_cpu=on_cpu, base=held, shard=shard,
+                                                          on_cpu=on_cpu, base=held,
                                                           host_work=own_text)))
     result = _result_weights(f, recipe)
     beside = 0

@@ -12,8 +12,8 @@ is the weights held plus that phase's working set (the arithmetic is in
 * **streamed**: the weights stay in the checkpoint on disk; one unit (the
   largest decoder layer, the embeddings or the head) is materialised on the
   device at a time (:mod:`llmslim.streaming`), and finished layers go to the
-  output through a :class:`~llmslim.shards.ShardWriter` (one shard pending
-  on the host).
+  output through a spooled :class:`~llmslim.shards.ShardWriter` (the
+  pending shard waits on disk, not on the host).
 
 A phase is resident when its resident estimate fits ``HEADROOM`` of the
 device limit, else streamed; ``load`` is streamed when any phase is. The

@@ -3,7 +3,9 @@
 :class:`ShardWriter` takes tensors as they are produced (a whole state dict,
 or one decoder layer after another) and flushes a shard to disk as soon as
 the pending bytes would exceed ``max_shard_size``, so at most one shard is
-held in memory. On :meth:`ShardWriter.close` a single shard becomes
+held in memory; with ``spool=True`` (streamed runs) not even that: the
+pending shard's tensors go to a file beside it as they arrive and the shard is
+assembled from it on flush, one chunk at a time. On :meth:`ShardWriter.close` a single shard becomes
 ``model.safetensors``; several become ``model-00001-of-0000N.safetensors``
 plus ``model.safetensors.index.json`` (``{"metadata": {"total_size": ...},
 "weight_map": {...}}``): exactly the names ``save_pretrained`` writes, so
@@ -83,17 +85,80 @@ def _owned_cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     return data.clone(memory_format=torch.contiguous_format)
 
 
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                       "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+# safetensors' Dtype enum in declaration order: save_file writes tensors by it, descending, then by name
+_DTYPE_RANK = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+               "I64", "U64"]
+_COPY_CHUNK = 64 * 2**20
+
+
+class _Spool:
+    """One pending shard kept on disk instead of in memory: each tensor's bytes are appended to a spool
+    file as it arrives, and :meth:`finish` writes the safetensors file (the JSON header, padded to 8
+    bytes, then the data copied in chunks), so at most one tensor is in memory."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, path.with_name(path.name + ".data")
+        self.file = open(self.data, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.header: dict[str, dict] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
+        data = tensor.detach().to("cpu").contiguous()
+        dtype = str(data.dtype).removeprefix("torch.")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+        start = self.file.tell()
+        self.file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self.header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(data.shape),
+                             "data_offsets": [start, self.file.tell()]}
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Write the shard with its tensors in safetensors' own order (dtype, widest first, then name),
+        so that it is byte for byte what ``safetensors.torch.save_file`` writes for the same tensors."""
+        self.file.close()
+        order = sorted(self.header, key=lambda n: (-_DTYPE_RANK.index(self.header[n]["dtype"]), n))
+        placed, offset = {}, 0
+        for name in order:
+            start, end = self.header[name]["data_offsets"]
+            placed[name] = {**self.header[name], "data_offsets": [offset, offset + end - start]}
+            offset += end - start
+        header = json.dumps({"__metadata__": metadata, **placed}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self.path, "wb") as out, open(self.data, "rb") as data:
+            out.write(len(header).to_bytes(8, "little") + header)
+            for name in order:
+                start, end = self.header[name]["data_offsets"]
+                data.seek(start)
+                while start < end:
+                    chunk = data.read(min(_COPY_CHUNK, end - start))
+                    out.write(chunk)
+                    start += len(chunk)
+        self.data.unlink()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.data.unlink(missing_ok=True)
+
+
 class ShardWriter:
     """Writes a checkpoint's tensors incrementally into ``folder`` (see the module docstring)."""
 
     def __init__(self, folder: Path, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, *, spool: bool = False):
+        """``spool``: keep the pending shard in a file beside the output rather than in memory (a streamed
+        run, whose host must hold about one layer; the output's bytes are written twice)."""
         if max_shard_size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
         self.folder = Path(folder)
         self.max_shard_size = int(max_shard_size)
         self.metadata = {**(metadata or {}), "format": "pt"}
-        self._pending: dict[str, torch.Tensor] = {}
+        self.spool = spool
+        self._spool: _Spool | None = None
+        self._pending: dict[str, torch.Tensor | None] = {}  # spooled: the names only
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []   # flushed shards under temporary names
         self._names: set[str] = set()
@@ -116,18 +181,30 @@ class ShardWriter:
             size = tensor_bytes(tensor)
             if self._pending and self._pending_bytes + size > self.max_shard_size:
                 self._flush()
-            self._pending[name] = _owned_cpu_copy(tensor)
+            if self.spool:
+                self._spool = self._spool or _Spool(self._next_path())
+                self._spool.add(name, tensor)
+                self._pending[name] = None
+            else:
+                self._pending[name] = _owned_cpu_copy(tensor)
             self._pending_bytes += size
             self._names.add(name)
             self._total += size
+
+    def _next_path(self) -> Path:
+        return self.folder / f"{_PENDING_PREFIX}{len(self._shards) + 1:05d}.safetensors.tmp"
 
     def _flush(self, *, even_empty: bool = False) -> None:
         from safetensors.torch import save_file
 
         if not self._pending and not even_empty:
             return
-        path = self.folder / f"{_PENDING_PREFIX}{len(self._shards) + 1:05d}.safetensors.tmp"
-        save_file(self._pending, str(path), metadata=self.metadata)
+        path = self._next_path()
+        if self._spool is not None:
+            self._spool.finish(self.metadata)
+            self._spool = None
+        else:
+            save_file(self._pending, str(path), metadata=self.metadata)
         os.chmod(path, 0o666 & ~user_umask())  # safetensors creates its files 0600
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
@@ -158,6 +235,9 @@ class ShardWriter:
         """Remove what was flushed so far (after a failure); the folder keeps nothing of this writer."""
         for tmp, _ in self._shards:
             tmp.unlink(missing_ok=True)
+        if self._spool is not None:
+            self._spool.abort()
+            self._spool = None
         self._shards, self._pending, self._closed = [], {}, True
 
     def _remove_stale(self, keep: set[str]) -> None:

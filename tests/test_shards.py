@@ -61,10 +61,11 @@ def _tensors() -> dict[str, torch.Tensor]:
     return {f"t{i}.weight": torch.randn(n, generator=gen) for i, n in enumerate(sizes)}
 
 
-def test_writer_shards_greedily_in_hf_layout(tmp_path, umask_002):
+@pytest.mark.parametrize("spool", [False, True])
+def test_writer_shards_greedily_in_hf_layout(tmp_path, umask_002, spool):
     tensors = _tensors()
     limit = 1600
-    with ShardWriter(tmp_path / "ckpt", max_shard_size=limit, metadata={"note": "x"}) as writer:
+    with ShardWriter(tmp_path / "ckpt", max_shard_size=limit, metadata={"note": "x"}, spool=spool) as writer:
         for name, tensor in tensors.items():  # one at a time, as a streamed run adds them
             writer.add({name: tensor})
     folder = tmp_path / "ckpt"
@@ -108,6 +109,39 @@ def test_writer_copies_what_it_is_given(tmp_path):
     assert torch.equal(dict(iter_checkpoint_tensors(tmp_path))["a"], torch.zeros(8))
 
 
+def test_spooled_shards_read_like_safetensors_own(tmp_path):
+    """A spooled writer keeps no tensor in memory and writes files safetensors reads back exactly, for
+    every dtype a checkpoint holds (packed int32 codes, bfloat16, bool masks, scalars, empty tensors)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(3, 5, generator=gen), "h": torch.randn(7, generator=gen).to(torch.bfloat16),
+               "f16": torch.randn(2, 2, generator=gen).half(), "q": torch.randint(-2**31, 2**31 - 1, (4, 3),
+                                                                                 dtype=torch.int32),
+               "u": torch.arange(9, dtype=torch.uint8), "m": torch.rand(5, generator=gen) > 0.5,
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "t": torch.randn(4, 6).t(),
+               "i64": torch.arange(3), "i8": torch.arange(-3, 3, dtype=torch.int8), "i16": torch.arange(4).short(),
+               "f64": torch.randn(2, dtype=torch.float64), "e4m3": torch.randn(4).to(torch.float8_e4m3fn),
+               "e5m2": torch.randn(4).to(torch.float8_e5m2)}
+    writer = ShardWriter(tmp_path / "spooled", max_shard_size=100, spool=True)
+    for name, tensor in tensors.items():
+        writer.add({name: tensor})
+        assert all(value is None for value in writer._pending.values())
+    writer.close()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "reference.safetensors"),
+              metadata={"format": "pt"})
+    with ShardWriter(tmp_path / "one", spool=True) as whole:
+        whole.add(tensors)
+    assert (tmp_path / "one" / SINGLE_FILE).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    ours = dict(iter_checkpoint_tensors(tmp_path / "spooled"))
+    with safe_open(str(tmp_path / "reference.safetensors"), framework="pt") as handle:
+        for name in tensors:
+            theirs = handle.get_tensor(name)
+            assert ours[name].dtype == theirs.dtype and ours[name].shape == theirs.shape
+            assert torch.equal(ours[name], theirs), name
+    assert not list((tmp_path / "spooled").glob(".*"))
+
+
 def test_single_shard_replaces_a_stale_sharded_save(tmp_path):
     folder = tmp_path / "ckpt"
     with ShardWriter(folder, max_shard_size=1000) as writer:
@@ -119,8 +153,9 @@ def test_single_shard_replaces_a_stale_sharded_save(tmp_path):
     assert list(checkpoint_keys(folder)) == ["only"]
 
 
-def test_writer_refuses_a_duplicate_and_aborts_cleanly(tmp_path):
-    writer = ShardWriter(tmp_path, max_shard_size=500)
+@pytest.mark.parametrize("spool", [False, True])
+def test_writer_refuses_a_duplicate_and_aborts_cleanly(tmp_path, spool):
+    writer = ShardWriter(tmp_path, max_shard_size=500, spool=spool)
     writer.add({"a": torch.ones(200)})
     with pytest.raises(ValueError, match="already written"):
         writer.add({"a": torch.ones(2)})
