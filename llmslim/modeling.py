@@ -268,8 +268,9 @@ def count_parameters(model: nn.Module) -> int:
         if logical is not None:
             total += logical()
     for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        key = id(p) if p.device.type == "meta" else p.data_ptr()  # meta tensors all have data_ptr 0
+        if key not in seen:
+            seen.add(key)
             total += p.numel()
     return total
 

@@ -53,11 +53,11 @@ def streaming_problem(recipe, plan: MemoryPlan) -> str | None:
     """Why a recipe cannot run with ``plan``: a step planned streamed that has no layer-by-layer form."""
     for index, step in enumerate(recipe.steps):
         phase = phase_names(recipe)[index + 2]
-        if plan.mode(phase) == "streamed" and not step.STREAMS:
-            return (f"step {index + 1} ({step.STEP_NAME}) cannot run streamed (one decoder layer at a time): only "
-                    f"gptq and rtn do; {step.STEP_NAME} needs the whole model resident. The "
-                    f"memory plan streams it ({plan.phase(phase).reason}); set memory.mode: resident or a larger "
-                    "memory.max_device_memory if the model fits, or leave the step out")
+        why = step.stream_problem()
+        if plan.mode(phase) == "streamed" and why:
+            return (f"step {index + 1} ({step.STEP_NAME}) cannot run streamed (one decoder layer at a time): "
+                    f"{why}. The memory plan streams it ({plan.phase(phase).reason}); set memory.mode: resident "
+                    "or a larger memory.max_device_memory if the model fits, or change the step")
     return None
 
 
@@ -84,28 +84,73 @@ def _write_config(model, folder: Path) -> None:
     write_quantize_config(folder, config)
 
 
+def _uses_activations(step) -> bool:
+    """Whether a streamed step runs the calibration windows through the layers (it then needs the
+    embeddings to compute the first layer's inputs)."""
+    name = step.STEP_NAME
+    return (name == "gptq" or (name == "prune" and step.importance != "magnitude")
+            or (name == "sparsify" and step.method in ("wanda", "sparsegpt")))
+
+
+def _streamed_apply(model, step, ctx: StepContext, layers: StreamedLayers, activations) -> StepOutcome:
+    """The step's own function, given the streamed layer source (the steps of :meth:`stream_problem` None)."""
+    from llmslim.steps.prune import apply_prune
+    from llmslim.steps.sparsify import sparsify_once
+
+    name = step.STEP_NAME
+    if name == "gptq":
+        return apply_gptq(model, step, ctx, layers=layers, activations=activations)
+    if name == "rtn":
+        return apply_rtn(model, step, ctx, layers=layers)
+    if name == "prune":
+        return apply_prune(model, step, ctx, layers=layers, activations=activations)
+    if name == "sparsify":
+        return sparsify_once(model, step, ctx, layers=layers, activations=activations)
+    raise StepError(name, "has no layer-by-layer form")
+
+
+class _CountingWriter:
+    """A :class:`ShardWriter` that also counts the zeros of every tensor it writes (a streamed model's
+    sparsity, which no resident copy exists to count)."""
+
+    def __init__(self, writer: ShardWriter):
+        self.writer, self.zeros, self.numel = writer, 0, 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for tensor in tensors.values():
+            if tensor.is_floating_point():
+                self.zeros += int((tensor == 0).sum())
+                self.numel += tensor.numel()
+        self.writer.add(tensors)
+
+
 def write_streamed_step(lazy: LazyModel, step, ctx: StepContext, folder: Path, tokenizer, *,
                         max_shard_size: int, activations: torch.device | None = None) -> StepOutcome:
-    """Run a ``gptq``/``rtn`` step over ``lazy`` one decoder layer at a time, writing the result into
-    ``folder`` (a complete checkpoint: weights in state-dict order, config, tokenizer)."""
+    """Run a step whose :meth:`stream_problem` is None over ``lazy`` one decoder layer at a time, writing
+    the result into ``folder`` (a complete checkpoint: weights in state-dict order, config, tokenizer)."""
+    why = step.stream_problem()
+    if why:
+        raise StepError(step.STEP_NAME, f"cannot run streamed: {why}")
     device = torch.device(ctx.device)
     head, tail = lazy.outer_keys()
-    with ShardWriter(folder, max_shard_size) as writer:
+    with ShardWriter(folder, max_shard_size, spool=True) as shards:
+        writer = _CountingWriter(shards)
         for key, tensor in lazy.read_saved(head):
             writer.add({key: tensor})
         layers = StreamedLayers(lazy, device, writer)
-        if step.STEP_NAME == "gptq":
+        outer = _uses_activations(step)
+        if outer:
             lazy.load_outer(device)  # embeddings and rotary tables compute the first layer's inputs
-            try:
-                outcome = apply_gptq(lazy.model, step, ctx, layers=layers, activations=activations)
-            finally:
+        try:
+            outcome = _streamed_apply(lazy.model, step, ctx, layers, activations)
+        finally:
+            if outer:
                 lazy.release_outer()
-        elif step.STEP_NAME == "rtn":
-            outcome = apply_rtn(lazy.model, step, ctx, layers=layers)
-        else:
-            raise StepError(step.STEP_NAME, "has no layer-by-layer form (only gptq and rtn run streamed)")
+        layers.finish()  # a layer the step left alone (a pruning plan that changes nothing) is copied
         for key, tensor in lazy.read_saved(tail):
             writer.add({key: tensor})
+    if step.STEP_NAME == "sparsify" and writer.numel:
+        outcome.changed["model_sparsity"] = float(f"{writer.zeros / writer.numel:.6g}")
     _write_config(lazy.model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -306,6 +306,7 @@ class StreamedLayers:
     def __init__(self, lazy: LazyModel, device: torch.device, writer=None,
                  before_write: Callable[[int, nn.Module], None] | None = None):
         self.lazy, self.device, self.writer, self.before_write = lazy, torch.device(device), writer, before_write
+        self.written: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.lazy.layers)
@@ -318,7 +319,16 @@ class StreamedLayers:
             self.before_write(index, layer)
         if self.writer is not None:
             self.writer.add(self.lazy.layer_state(index))
+            self.written.add(index)
         self.lazy.release_layer(index)
+
+    def finish(self) -> None:
+        """Write, unchanged, every layer not handed back yet (in order, so the output is complete)."""
+        if self.writer is None:
+            return
+        for index in range(len(self)):
+            if index not in self.written:
+                self.done(index, self.load(index))
 
 
 class LayerPacker:

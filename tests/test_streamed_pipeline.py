@@ -96,9 +96,31 @@ def test_streamed_gptq_equals_resident(local_model, recipe_writer, workdir, laye
     assert config == json.loads((workdir / "out" / "resident" / "config.json").read_text())
 
 
+def test_streamed_prune_then_gptq_equals_resident(local_model, recipe_writer, workdir, layer_census):
+    """Pruned and quantized end to end without the model ever resident: the checkpoint, the sizes and the
+    perplexities of the resident run."""
+    steps = "  - prune: {heads: 0.5, mlp: 0.25}\n  - sparsify: {method: wanda, sparsity: 0.5}\n" + GPTQ
+    for mode in ("resident", "streamed"):
+        recipe = recipe_writer(local_model, name=mode, steps=steps, output=f"./out/{mode}",
+                               extra=f"memory: {{{{mode: {mode}}}}}")
+        result = invoke("run", recipe, "--quiet")
+        assert result.exit_code == 0, result.output
+    assert layer_census == [1, 1] * 5  # baseline, three steps, evaluation: one layer at a time
+    ours, theirs = _tensors(workdir / "out" / "streamed"), _tensors(workdir / "out" / "resident")
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    a, b = _report(workdir, "streamed"), _report(workdir, "resident")
+    assert a["result"]["perplexity"] == pytest.approx(b["result"]["perplexity"], rel=1e-4)
+    assert a["result"]["parameters"] == b["result"]["parameters"] < a["baseline"]["parameters"]
+    assert a["steps"][1]["changed"]["model_sparsity"] == pytest.approx(b["steps"][1]["changed"]["model_sparsity"])
+    assert [p["mode"] for p in a["memory"]["phases"]] == ["streamed"] * 6
+
+
 def test_a_step_that_cannot_stream_is_refused_at_validation(local_model, recipe_writer, workdir, layer_census):
     recipe = recipe_writer(local_model, name="pruned", steps="  - rtn: {bits: 8, format: dense}\n"
-                           "  - prune: {mlp: 0.25}", output="./out/pruned", extra="memory: {{mode: streamed}}")
+                           "  - prune: {mlp: 0.25, layers: 1}", output="./out/pruned",
+                           extra="memory: {{mode: streamed}}")
     for command in ("validate", "run"):
         result = invoke(command, recipe, "--quiet") if command == "run" else invoke(command, recipe)
         assert result.exit_code == 2
@@ -118,7 +140,7 @@ def test_a_plan_that_streams_a_resident_only_step_is_refused_before_loading(loca
                                        for n in names))
 
     monkeypatch.setattr(llmslim.pipeline, "plan_for_run", plan)
-    recipe = recipe_writer(local_model, name="auto", steps="  - prune: {mlp: 0.25}", output="./out/auto")
+    recipe = recipe_writer(local_model, name="auto", steps="  - prune: {layers: 1}", output="./out/auto")
     result = invoke("run", recipe, "--quiet")
     assert result.exit_code == 2
     assert "step 1 (prune) cannot run streamed" in result.output and "over the device limit" in result.output

@@ -44,10 +44,10 @@ def _cross_checks(recipe: Recipe, add: Callable) -> None:
         if packed and index_is_not_last(i, recipe):
             add(("steps", i, step.STEP_NAME, "format"),
                 "a step that packs the weights (format: gptq) must be the last step; use format: dense before others")
-        if recipe.memory.mode == "streamed" and not step.STREAMS:
-            add(("steps", i, step.STEP_NAME), f"step {step.STEP_NAME!r} needs the whole model resident and cannot "
-                "run with memory.mode: streamed (only gptq and rtn run one decoder layer at a time); use "
-                "memory.mode: resident or auto")
+        why = step.stream_problem()
+        if recipe.memory.mode == "streamed" and why:
+            add(("steps", i, step.STEP_NAME), f"cannot run with memory.mode: streamed (one decoder layer at a time): "
+                f"{why}; use memory.mode: resident or auto")
     b, ev = recipe.budgets, recipe.evaluate
     if (b.max_perplexity_increase is not None or b.max_perplexity is not None) and ev.perplexity is None:
         add(("budgets",), "perplexity budgets need `evaluate.perplexity`")

@@ -15,7 +15,10 @@ class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     STEP_NAME: ClassVar[str] = ""
     NEEDS_CALIBRATION: ClassVar[bool] = False
-    STREAMS: ClassVar[bool] = False  # can run one decoder layer at a time (llmslim/stream_run.py)
+
+    def stream_problem(self) -> str | None:
+        """Why this step cannot run one decoder layer at a time (llmslim/stream_run.py); None when it can."""
+        return f"{self.STEP_NAME} needs the whole model resident"
 
     def describe(self) -> str:
         """One line for plans and tables."""

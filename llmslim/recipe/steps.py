@@ -51,7 +51,9 @@ class RtnConfig(StepConfig):
     """
 
     STEP_NAME: ClassVar[str] = "rtn"
-    STREAMS: ClassVar[bool] = True
+
+    def stream_problem(self) -> str | None:
+        return None
 
     bits: int = Field(4, ge=2, le=8, description="bits per weight, 2 to 8")
     group_size: int = Field(128, description="columns sharing a scale (a partial last group where it does not "
@@ -101,7 +103,9 @@ class GptqConfig(StepConfig):
 
     STEP_NAME: ClassVar[str] = "gptq"
     NEEDS_CALIBRATION: ClassVar[bool] = True
-    STREAMS: ClassVar[bool] = True
+
+    def stream_problem(self) -> str | None:
+        return None
 
     bits: Literal[2, 3, 4, 8] = Field(4, description="bits per weight")
     group_size: int = Field(128, description="columns sharing a scale (a partial last group where it does not "
@@ -234,6 +238,21 @@ class PruneConfig(StepConfig):
                              "change it or set round_to: 1")
         return _check_rounds(self)
 
+    def stream_problem(self) -> str | None:
+        """Width pruning from activation or weight scores is decided layer by layer; ranking layers for
+        removal, gradients and recovery training need the whole model."""
+        if self.layers:
+            return "removing decoder layers ranks every layer's influence before any is removed"
+        if self.importance == "taylor":
+            return "taylor importance takes gradients through the whole model"
+        return _rounds_problem(self)
+
+
+def _rounds_problem(config) -> str | None:
+    if config.rounds > 1 or config.recover is not None:
+        return "recovery by distillation (rounds, recover) trains the whole model"
+    return None
+
 
 def _pattern_spec(value: str | None) -> str | None:
     if value is None:
@@ -285,6 +304,11 @@ class SparsifyConfig(StepConfig):
             raise ValueError("give exactly one of `sparsity` (a fraction such as 0.5) and `pattern` (N:M such as "
                              "\"2:4\")")
         return _check_rounds(self)
+
+    def stream_problem(self) -> str | None:
+        if self.method == "taylor":
+            return "method taylor takes gradients through the whole model"
+        return _rounds_problem(self)
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -119,13 +119,17 @@ class PruneCompressor:
                 "mlp_kept_importance_mean": _num(scores[kept].mean()),
                 "mlp_removed_importance_share": _num(scores[mask].sum() / scores.sum().clamp_min(1e-30))}
 
-    def apply_without_calibration(self, prefix: str) -> None:
-        """Prune every layer from weight-based scores, without running the model."""
+    def apply_without_calibration(self, prefix: str, layers=None) -> None:
+        """Prune every layer from weight-based scores, without running the model; ``layers``: a streamed
+        model's layer source (each layer loaded, pruned and handed back in turn)."""
         for index in range(len(self.layers)):
+            layer = layers.load(index) if layers is not None else None
             for kind in ("heads", "mlp"):
                 name = f"{prefix}.{index}{self.suffix[kind]}"
                 if self.kind(name):
                     self.compress(index, name, None)
+            if layers is not None:
+                layers.done(index, layer)
 
 
 class InfluenceMeter:
@@ -246,8 +250,8 @@ def _shape_and_plan(model: nn.Module, config) -> tuple[ModelShape, PrunePlan]:
     return shape, plan
 
 
-def _prune_width(model, config, ctx: StepContext, shape: ModelShape, plan: PrunePlan) -> tuple[PruneCompressor,
-                                                                                                   InfluenceMeter]:
+def _prune_width(model, config, ctx: StepContext, shape: ModelShape, plan: PrunePlan, layers=None,
+                 activations: torch.device | None = None) -> tuple[PruneCompressor, InfluenceMeter]:
     width = plan.heads is not None or plan.mlp_keep is not None
     needs_data = plan.drop_layers > 0 or (width and config.importance != "magnitude")
     if needs_data and ctx.calibration is None:
@@ -257,12 +261,12 @@ def _prune_width(model, config, ctx: StepContext, shape: ModelShape, plan: Prune
     if width and config.importance == "taylor":
         precomputed = taylor_scores(model, ctx.calibration, shape, plan)
     compressor, meter = PruneCompressor(model, shape, plan, config.importance, precomputed), InfluenceMeter()
-    layers = decoder_layers(model)
     if needs_data:
         sequential_calibrate(model, ctx.calibration, compressor, device=ctx.device, ignore=[], true_sequential=True,
-                             progress=ctx.progress, label="prune", on_layer=meter if plan.drop_layers else None)
+                             progress=ctx.progress, label="prune", on_layer=meter if plan.drop_layers else None,
+                             layer_source=layers, activations=activations)
     else:
-        compressor.apply_without_calibration(layer_prefix(model, layers))
+        compressor.apply_without_calibration(layer_prefix(model, decoder_layers(model)), layers)
     return compressor, meter
 
 
@@ -306,7 +310,12 @@ def _layer_report(shape: ModelShape, compressor: PruneCompressor | None, meter: 
     return rows
 
 
-def apply_prune(model, config, ctx: StepContext) -> StepOutcome:
+def apply_prune(model, config, ctx: StepContext, layers=None, activations: torch.device | None = None) -> StepOutcome:
+    """``layers``/``activations``: a streamed model's layer source and where its calibration inputs are kept,
+    as for :func:`llmslim.steps.gptq.apply_gptq` (width pruning only: layer removal and taylor importance
+    need the whole model, see :meth:`PruneConfig.stream_problem`)."""
+    if layers is not None and config.stream_problem():
+        raise StepError("prune", f"cannot run streamed: {config.stream_problem()}")
     shape, plan = _shape_and_plan(model, config)
     for note in plan.notes:
         LOGGER.warning("prune: %s", note)
@@ -315,7 +324,7 @@ def apply_prune(model, config, ctx: StepContext) -> StepOutcome:
         return StepOutcome(changed=_summary(config, shape, plan, [], before, before),
                            layers=_layer_report(shape, None, None, []))
     start = time.perf_counter()
-    compressor, meter = _prune_width(model, config, ctx, shape, plan)
+    compressor, meter = _prune_width(model, config, ctx, shape, plan, layers, activations)
     _write_sizes(model.config, shape, plan)
     drop = layers_to_drop([meter.values[i] for i in range(shape.layers)], plan.drop_layers) \
         if plan.drop_layers else []

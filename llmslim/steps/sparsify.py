@@ -142,18 +142,41 @@ def _summary(model: nn.Module, config: SparsifyConfig, stats: list[dict], second
     for r in stats:
         z, n = per_layer.setdefault(r["layer"], [0, 0])
         per_layer[r["layer"]] = [z + r["zeros"], n + r["weights"]]
-    params = list({p.data_ptr(): p for p in model.parameters()}.values())
-    all_zeros = sum(int((p == 0).sum()) for p in params)
-    return {"method": config.method, "target": config.pattern or config.sparsity,
-            "modules_sparsified": len(stats), "weights": weights, "zeros": zeros,
-            "sparsity": _num(zeros / weights),
-            "sparsity_per_layer": [_num(z / n) for _, (z, n) in sorted(per_layer.items())],
-            "model_sparsity": _num(all_zeros / sum(p.numel() for p in params)),
-            "note": DENSE_NOTE, "seconds": round(seconds, 3)}
+    out = {"method": config.method, "target": config.pattern or config.sparsity,
+           "modules_sparsified": len(stats), "weights": weights, "zeros": zeros,
+           "sparsity": _num(zeros / weights),
+           "sparsity_per_layer": [_num(z / n) for _, (z, n) in sorted(per_layer.items())],
+           "note": DENSE_NOTE, "seconds": round(seconds, 3)}
+    params = list({id(p): p for p in model.parameters()}.values())
+    if all(p.device.type != "meta" for p in params):  # streamed, the writer counts them (llmslim.stream_run)
+        out["model_sparsity"] = _num(sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params))
+    return out
 
 
-def sparsify_once(model: nn.Module, config: SparsifyConfig, ctx: StepContext) -> StepOutcome:
-    """One pruning pass to ``config``'s target (its ``rounds``/``recover`` are not looked at)."""
+def _magnitude_pass(model: nn.Module, config: SparsifyConfig, compressor: SparsifyCompressor,
+                    targets: dict[str, nn.Module], layers) -> list[dict[str, Any]]:
+    """Scores from the weights (or precomputed gradients) alone: each target layer, no activations.
+    ``layers``: a streamed model's layer source, each layer loaded, pruned and handed back in turn."""
+    layer_of, stats = _layer_indices(model, config), []
+    with torch.no_grad():
+        if layers is None:
+            for name, module in targets.items():
+                stats.append({"layer": layer_of[name], "module": name, **compressor.compress(0, name, module)})
+            return stats
+        for index in range(len(layers)):
+            layer = layers.load(index)
+            for name in (n for n in targets if layer_of[n] == index):
+                stats.append({"layer": index, "module": name,
+                              **compressor.compress(index, name, model.get_submodule(name))})
+            layers.done(index, layer)
+    return stats
+
+
+def sparsify_once(model: nn.Module, config: SparsifyConfig, ctx: StepContext, layers=None,
+                  activations: torch.device | None = None) -> StepOutcome:
+    """One pruning pass to ``config``'s target (its ``rounds``/``recover`` are not looked at).
+    ``layers``/``activations``: a streamed model's layer source and where its calibration inputs are
+    kept, as for :func:`llmslim.steps.gptq.apply_gptq` (not with ``taylor``: it needs the whole model)."""
     start, times = time.perf_counter(), PhaseTimes()
     targets = _targets(model, config)
     grads = None
@@ -166,13 +189,10 @@ def sparsify_once(model: nn.Module, config: SparsifyConfig, ctx: StepContext) ->
         if ctx.calibration is None:
             raise StepError("sparsify", f"method {config.method} needs calibration data")
         stats = sequential_calibrate(model, ctx.calibration, compressor, device=ctx.device, ignore=config.ignore,
-                                     true_sequential=True, progress=ctx.progress, label="sparsify", times=times)
+                                     true_sequential=True, progress=ctx.progress, label="sparsify", times=times,
+                                     layer_source=layers, activations=activations)
     else:
-        layer_of = _layer_indices(model, config)
-        stats = []
-        with torch.no_grad():
-            for name, module in targets.items():
-                stats.append({"layer": layer_of[name], "module": name, **compressor.compress(0, name, module)})
+        stats = _magnitude_pass(model, config, compressor, targets, layers)
     changed = _summary(model, config, stats, time.perf_counter() - start)
     if times.seconds:
         changed["phase_seconds"] = times.summary()
