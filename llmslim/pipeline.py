@@ -154,10 +154,23 @@ def _follow(recipe: Recipe, force: bool, progress: Progress) -> RunOutcome:
     run, prev = _prepare(recipe, progress)
     if not force and prev is not None and _same_inputs(run, prev):
         return RunOutcome(None, exit_code_for(prev.status), up_to_date=True)
-    tokenizer, model = load_input(run)
+    tokenizer = load_tokenizer(str(run.model_path), recipe.trust_remote_code)
+    model = _follower_input(run)
     calibration, _ = calibration_windows(recipe, tokenizer)
     run_steps(run, model, tokenizer, step_context(run, tokenizer, calibration, Progress(quiet=True)), save=False)
     return RunOutcome(None, EXIT_OK)
+
+
+def _follower_input(run: Run):
+    """A follower's input model: when the first step distils with ``parallel: fsdp`` its shards are
+    filled from rank 0's weights, so it is built from its config on the meta device (no weights read);
+    otherwise loaded, to repeat the steps before the distillation in memory."""
+    steps = run.recipe.steps
+    if steps and steps[0].STEP_NAME == "distill" and steps[0].parallel == "fsdp":
+        from llmslim.distill.sharding import empty_model
+
+        return empty_model(str(run.model_path)).requires_grad_(True)
+    return load_original(run)
 
 
 def _same_inputs(run: Run, prev: Report) -> bool:

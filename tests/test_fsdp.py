@@ -102,6 +102,15 @@ def _instrument(seen: dict) -> None:
         return write_atomic(payload, path)
 
     trainer.Distiller._train_step, trainer.write_atomic = first_step, counted
+    import llmslim.pipeline
+
+    load_model = llmslim.pipeline.load_model
+
+    def loading(ref, *args, **kwargs):
+        seen.setdefault("weights_loaded", []).append(Path(ref).name)
+        return load_model(ref, *args, **kwargs)
+
+    llmslim.pipeline.load_model = loading
 
 
 
@@ -175,6 +184,7 @@ def test_torchrun_fsdp_shards_publishes_from_rank_0_and_matches_one_process(work
     teacher_total = sum(p.numel() for p in load_model(str(pair / "teacher")).parameters())
     # while it trains, rank 1 holds no full student and no full teacher: only its shards
     assert seen[1]["student_materialised"] == 0 and seen[1]["teacher_given_materialised"] == 0
+    assert "weights_loaded" not in seen[1] and "student" in seen[0]["weights_loaded"]  # rank 1 reads no weights
     assert seen[0]["student_shards"] == first_chunks and seen[1]["student_shards"] == total - first_chunks
     assert seen[0]["teacher_shards"] + seen[1]["teacher_shards"] == teacher_total
     assert max(seen[1]["student_shards"], seen[1]["teacher_shards"]) <= 0.51 * total
