@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["HEADROOM", "ModelFacts", "Estimate", "facts_from_model", "phase_estimates", "phase_names",
+__all__ = ["HEADROOM", "ModelFacts", "Estimate", "facts_from_model", "phase_estimates", "phase_names", "step_phase",
            "DTYPE_BYTES", "RATES"]
 
 HEADROOM = 0.9  # a phase fits when its estimate is at most this share of the limit (allocator slack)
@@ -199,9 +199,14 @@ def _distill_working(f: ModelFacts, step) -> int:
 # --- phases -------------------------------------------------------------------------------------------
 
 
+def step_phase(index: int, step) -> str:
+    """The phase name of the recipe's step ``index`` (from 0): ``step N <name>``."""
+    return f"step {index + 1} {step.STEP_NAME}"
+
+
 def phase_names(recipe) -> list[str]:
     """``load``, ``baseline``, ``step N <name>`` for each step, ``evaluate``."""
-    return ["load", "baseline"] + [f"step {i} {s.STEP_NAME}" for i, s in enumerate(recipe.steps, 1)] + ["evaluate"]
+    return ["load", "baseline"] + [step_phase(i, s) for i, s in enumerate(recipe.steps)] + ["evaluate"]
 
 
 def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, float]:
@@ -296,7 +301,7 @@ def phase_estimates(recipe, f: ModelFacts, *, on_cpu: bool, base_host: int, text
     for i, step in enumerate(recipe.steps, 1):
         own_text = TOKENIZE_PEAK_BYTES_PER_CHAR * (step_text_chars[i - 1] if i - 1 < len(step_text_chars) else 0)
         resident, streamed, acts, flops = _step_working(f, step, recipe)
-        out.append((f"step {i} {step.STEP_NAME}", *_pair(f, weights, (resident, streamed), acts,
+        out.append((step_phase(i - 1, step), *_pair(f, weights, (resident, streamed), acts,
                                                           _step_seconds(f, step, recipe, flops, rate),
                                                           on_cpu=on_cpu, base=held,
                                                           host_work=own_text)))

@@ -20,6 +20,7 @@ from llmslim.evaluate import evaluate_model, model_size_bytes, prepare_eval_wind
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.perplexity import tokenize_text
 from llmslim.fingerprints import DigestCache, RunKeys, run_keys, sha256_json
+from llmslim.memory_estimates import step_phase
 from llmslim.memory_plan import PhaseLog, plan_for_run
 from llmslim.modeling import load_model, load_tokenizer, resolve_device, resolve_model_path, save_checkpoint
 from llmslim.modeling import weights_size_bytes
@@ -332,7 +333,7 @@ def run_steps(run: Run, model, tokenizer, ctx: StepContext, save: bool = True, f
             outcome = run_step(model, step, replace(ctx, scratch=scratch))
         record = step_record(step, start, peak, outcome)
         if run.memory is not None:
-            run.memory.record(f"step {index + 1} {step.STEP_NAME}", peak.peak_bytes, peak.host_peak_bytes,
+            run.memory.record(step_phase(index, step), peak.peak_bytes, peak.host_peak_bytes,
                               record.wall_seconds, peak.host_method)
         if save:
             _save_step(store, index, model, tokenizer, record, run.recipe.memory.max_shard_size)

@@ -30,7 +30,7 @@ from llmslim.errors import StepError, UsageError
 from llmslim.evaluate import evaluate_model, model_size_bytes
 from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.streamed import evaluate_streamed
-from llmslim.memory_estimates import phase_names
+from llmslim.memory_estimates import step_phase
 from llmslim.memory_plan import MemoryPlan
 from llmslim.modeling import load_model, weights_size_bytes
 from llmslim.progress import LOGGER
@@ -52,7 +52,7 @@ __all__ = ["streaming_problem", "StreamedRun", "streamed_run", "write_streamed_s
 def streaming_problem(recipe, plan: MemoryPlan) -> str | None:
     """Why a recipe cannot run with ``plan``: a step planned streamed that has no layer-by-layer form."""
     for index, step in enumerate(recipe.steps):
-        phase = phase_names(recipe)[index + 2]
+        phase = step_phase(index, step)
         why = step.stream_problem()
         if plan.mode(phase) == "streamed" and why:
             return (f"step {index + 1} ({step.STEP_NAME}) cannot run streamed (one decoder layer at a time): "
@@ -162,7 +162,6 @@ class StreamedRun:
 
     def __init__(self, run, plan: MemoryPlan):
         self.run, self.plan = run, plan
-        self.names = phase_names(run.recipe)
 
     def _activations(self, phase: str) -> torch.device:
         return torch.device("cpu") if self.plan.phase(phase).activations == "host" else self.run.device
@@ -234,7 +233,7 @@ class StreamedRun:
             if index <= done:
                 records.append(StepRecord.model_validate(store.record(index)).model_copy(update={"resumed": True}))
                 continue
-            phase = self.names[index + 2]
+            phase = step_phase(index, step)
             mode = self.plan.mode(phase)
             LOGGER.info("%s: step %d/%d %s (%s)", run.recipe.name, index + 1, len(run.recipe.steps),
                         step.describe(), mode)
