@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-search bench-sparsity bench-memory-plan schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-search bench-sparsity bench-memory-plan bench-scale schema clean
 
 install: $(STAMP)
 
@@ -71,3 +71,8 @@ bench-sparsity: $(STAMP)
 # the memory plan's estimate beside each phase's measured peak: the demo model and ../shared/models/pydocs-llama-9m
 bench-memory-plan: $(STAMP)
 	cd benchmarks && ../$(BIN)/python memory_plan.py $(BENCH_ARGS)
+
+# streamed GPTQ W4 (and prune + GPTQ) of random-init Llama models of ~0.5B, 1B, 3B built once into
+# benchmarks/.cache/scale/, under a host limit below their bf16 weights (protocol in benchmarks/scale.py)
+bench-scale: $(STAMP)
+	cd benchmarks && ../$(BIN)/python scale.py $(BENCH_ARGS)
