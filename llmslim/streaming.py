@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from llmslim.errors import ModelLoadError
+from llmslim.evaluate.memory import release_host_memory
 from llmslim.modeling import decoder_layers, layer_prefix, resolve_dtype
 from llmslim.shards import checkpoint_keys
 
@@ -253,6 +254,7 @@ class LazyModel:
     def release_outer(self) -> None:
         """Send everything outside the decoder layers back to the meta device."""
         self._release(lambda name: not self._in_layers(name))
+        self._handles.clear()
 
     def _release(self, select: Callable[[str], bool]) -> None:
         """The tensors of the selected modules onto the meta device (ties kept), freeing their memory."""
@@ -290,6 +292,10 @@ class LazyModel:
         """Send layer ``index`` back to the meta device (its memory is freed)."""
         self._release(self._in_layer(index))
         self.loaded.discard(index)
+        # safetensors' tensors are views of the file's mapping: the pages read (and those written in place,
+        # which become private copies) stay in the process until its handles close
+        self._handles.clear()
+        release_host_memory()
 
     def close(self) -> None:
         """Drop the open files and any layer read ahead."""
