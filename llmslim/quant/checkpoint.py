@@ -142,7 +142,13 @@ def load_gptq_model(path: Path, dtype, *, trust_remote_code: bool = False) -> nn
         setattr(parent, child, QuantLinear(in_f, out_f, quant["bits"], quant["group_size"], quant["sym"],
                                            bias=f"{name}.bias" in state, dtype=model.dtype,
                                            zero_offset=zero_offset))
-    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    for key, value in state.items():  # assign (below) keeps the checkpoint's dtypes: use the model's
+        if key in own and value.is_floating_point() and value.dtype != own[key].dtype:
+            state[key] = value.to(own[key].dtype)
+    # assign: the model takes the read tensors as they are, instead of copying them into buffers of its own
+    result = model.load_state_dict(state, strict=False, assign=True)
+    del own, state
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     tied_head = getattr(config, "tie_word_embeddings", False)
     missing = [k for k in result.missing_keys if k not in tied and not (tied_head and k.endswith("lm_head.weight"))]
