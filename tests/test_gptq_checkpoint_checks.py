@@ -119,9 +119,11 @@ def test_partial_groups_validate_with_a_note(recipe_writer, model_688, caplog):
     assert 'backend="gptq_torch"' in notes
 
 
-def test_a_named_loader_that_cannot_take_the_widths_is_a_recipe_problem(recipe_writer, model_688):
-    result = _validate(recipe_writer, model_688, "  - gptq: {bits: 4, group_size: 128, loaders: [vllm-marlin]}")
+@pytest.mark.parametrize("step", ["gptq", "signround"])
+def test_a_named_loader_that_cannot_take_the_widths_is_a_recipe_problem(recipe_writer, model_688, step):
+    result = _validate(recipe_writer, model_688,
+                       f"  - {step}: {{bits: 4, group_size: 128, format: gptq, loaders: [vllm-marlin]}}")
     assert result.exit_code == 2
-    assert "steps[0].gptq.loaders: vllm-marlin cannot load the result" in result.output
+    assert f"steps[0].{step}.loaders: vllm-marlin cannot load the result" in result.output
     assert "multiple of the group size" in result.output
     assert _validate(recipe_writer, model_688, "  - rtn: {bits: 4, group_size: 16, loaders: [llmslim]}").exit_code == 0

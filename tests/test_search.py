@@ -256,3 +256,15 @@ def test_search_schema_is_in_sync():
 
     path = Path(__file__).resolve().parent.parent / "llmslim" / "schemas" / "search.schema.json"
     assert json.loads(path.read_text()) == json_schema(), "regenerate: python -m llmslim.search.records"
+
+
+@pytest.mark.parametrize("step,skipped", [
+    ({"gptq": {"bits": 0}}, True), ({"rtn": {"bits": 0}}, True), ({"awq": {"bits": 0}}, True),
+    ({"signround": {"bits": 0, "iters": 10}}, True), ({"signround": {"bits": 2}}, False),
+    ({"prune": {"heads": 0, "mlp": 0.0}}, True), ({"prune": {"mlp": 0.25}}, False),
+    ({"distill": {"tokens": 0}}, True), ({"sparsify": {"sparsity": 0.0}}, False),
+])
+def test_skip_values_of_every_quantizing_step(step, skipped):
+    from llmslim.search.plan import skipped_by
+
+    assert skipped_by(step) is skipped

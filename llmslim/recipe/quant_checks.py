@@ -111,7 +111,7 @@ def check_quant_targets(recipe: Recipe, add: Callable) -> None:
     for i, step in enumerate(recipe.steps):
         if step.STEP_NAME == "prune":
             return
-        if step.STEP_NAME not in ("gptq", "rtn", "awq") or step.format != "gptq":
+        if getattr(step, "format", None) != "gptq":  # the steps that can pack: gptq, rtn, awq, signround
             continue
         named = tuple(step.loaders)
         partial = _partial(widths.inputs, step.group_size)

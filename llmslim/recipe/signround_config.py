@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llmslim.recipe.limits import MAX_COUNT
 from llmslim.recipe.step_base import StepConfig
-from llmslim.recipe.steps import DEFAULT_IGNORE, PACKABLE_BITS, _check_group_size
+from llmslim.recipe.steps import _LOADERS_HELP, DEFAULT_IGNORE, GPTQ_LOADERS, PACKABLE_BITS, _check_group_size
 
 __all__ = ["SignroundConfig"]
 
@@ -48,6 +48,7 @@ class SignroundConfig(StepConfig):
                               description="module-name patterns (fnmatch) left in full precision")
     format: Literal["gptq", "dense"] = Field(
         "dense", description="dense: quantize-dequantize, plain checkpoint; gptq: packed low-bit checkpoint")
+    loaders: list[GPTQ_LOADERS] = Field(default_factory=list, description=_LOADERS_HELP)
 
     _group = field_validator("group_size")(_check_group_size)
 

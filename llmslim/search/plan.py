@@ -21,7 +21,8 @@ __all__ = ["SearchPlan", "TrialSpec", "load_search", "skipped_by", "SKIP_RULES"]
 FIXED_KEYS = ("version", "name", "output", "search", "model", "dtype", "device", "evaluate", "budgets",
               "trust_remote_code", "allow_pickle")
 # what makes a step "skipped" in a trial (the step is left out of that variant)
-SKIP_RULES = "prune with heads, mlp and layers all 0; distill with tokens: 0; gptq or rtn with bits: 0"
+SKIP_RULES = ("prune with heads, mlp and layers all 0; distill with tokens: 0; gptq, rtn, awq or signround with "
+              "bits: 0")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def skipped_by(step: dict) -> bool:
         return all(options.get(k) in (0, 0.0, None) for k in ("heads", "mlp", "layers"))
     if name == "distill":
         return options.get("tokens") == 0
-    if name in ("gptq", "rtn"):
+    if name in ("gptq", "rtn", "awq", "signround"):
         return options.get("bits") == 0
     return False
 
