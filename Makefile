@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-search bench-sparsity bench-memory-plan bench-scale schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-smollm2-schedule bench-search bench-sparsity bench-memory-plan bench-scale schema clean
 
 install: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-smollm2-distill: $(STAMP)
 
 bench-smollm2-sparsity: $(STAMP)
 	cd benchmarks && ../$(BIN)/python smollm2_sparsity.py $(BENCH_ARGS)
+
+bench-smollm2-schedule: $(STAMP)
+	cd benchmarks && ../$(BIN)/python smollm2_schedule.py $(BENCH_ARGS)
 
 # llmslim search: a 12-trial grid (prune x bits x group size) on ../shared/models/pydocs-llama-9m
 bench-search: $(STAMP)
