@@ -42,11 +42,7 @@ def main() -> None:
     from llmslim.steps import run_step
 
     rows = Rows("schedule", COLUMNS, args.fresh)
-    base = rows.get("dense")
-    if base is None:
-        value = ppl(load_model(str(folder), "float32", "cpu"), eval_ids)
-        base = rows.add({"key": "dense", "method": "dense (dequantized Q4_1)", "target": "-", "schedule": "-",
-                         "ppl": round(value, 3), "increase_%": 0.0, **machine()})
+    base = rows.baseline("dense", folder, eval_ids, method="dense (dequantized Q4_1)", target="-", schedule="-")
     total = args.rounds * args.round_tokens
     plans = [("one-shot + distill", 1, total), (f"{args.rounds} rounds + distill each", args.rounds,
                                                  args.round_tokens)]

@@ -13,7 +13,6 @@ import argparse
 
 from smollm2_tier import BASELINE_NOTE, Rows, Timer, machine, ppl, tier_setup
 
-from common import torch
 
 COLUMNS = ["method", "target", "sparsity", "ppl", "increase_%", "loss_vs_magnitude", "sparsify_s", "loadavg_1m",
            "torch_threads"]
@@ -33,11 +32,7 @@ def main() -> None:
     from llmslim.steps import run_step
 
     rows = Rows("sparsity", COLUMNS, args.fresh)
-    base = rows.get("dense")
-    if base is None:
-        value = ppl(load_model(str(folder), "float32", "cpu"), eval_ids)
-        base = rows.add({"key": "dense", "method": "dense (dequantized Q4_1)", "target": "-", "sparsity": 0.0,
-                         "ppl": round(value, 3), "increase_%": 0.0, **machine()})
+    base = rows.baseline("dense", folder, eval_ids, method="dense (dequantized Q4_1)", target="-", sparsity=0.0)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     for label, target in TARGETS.items():
         for method in METHODS:

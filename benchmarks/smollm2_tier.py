@@ -114,6 +114,16 @@ class Rows:
     def get(self, key: str) -> dict | None:
         return next((r for r in self.rows if r.get("key") == key), None)
 
+    def baseline(self, key: str, folder: Path, eval_ids: torch.Tensor, **fields) -> dict:
+        """The unchanged model's row ``key`` (with ``fields``), measured when it is not there yet."""
+        row = self.get(key)
+        if row is None:
+            from llmslim.modeling import load_model
+
+            value = ppl(load_model(str(folder), "float32", "cpu"), eval_ids)
+            row = self.add({"key": key, **fields, "ppl": round(value, 3), "increase_%": 0.0, **machine()})
+        return row
+
     def add(self, row: dict) -> dict:
         if self.path.is_file():  # rows another process of the same part wrote meanwhile are kept
             on_disk = json.loads(self.path.read_text())["rows"]

@@ -13,12 +13,11 @@ import torch
 from llmslim.errors import StepError
 from llmslim.evaluate.perplexity import mean_nll
 from llmslim.evaluate.streamed import streamed_mean_nll
-from llmslim.modeling import decoder_layers, load_model, save_checkpoint
+from llmslim.modeling import decoder_layers, load_model
 from llmslim.recipe.steps import GptqConfig, PruneConfig, SparsifyConfig
-from llmslim.steps import run_step
 from llmslim.stream_run import write_streamed_step
 from llmslim.streaming import LazyModel
-from tests.test_streaming import CPU, _context, _tensors, _watch_layers, _windows
+from tests.test_streaming import CPU, _context, _tensors, _windows, resident_and_streamed
 
 STREAMED = [
     ("llama", PruneConfig(heads=0.5, mlp=0.25)),
@@ -31,22 +30,9 @@ STREAMED = [
 ]
 
 
-def _resident_and_streamed(model_factory, tmp_path, arch, step):
-    path = model_factory(arch)
-    tokenizer, ctx = _context(path)
-    model = load_model(str(path), "float32")
-    resident = run_step(model, step, ctx)
-    save_checkpoint(model, tokenizer, tmp_path / "resident")
-    lazy = LazyModel(path, "float32")
-    seen: list[int] = []
-    _watch_layers(lazy, seen)
-    streamed = write_streamed_step(lazy, step, ctx, tmp_path / "streamed", tokenizer, max_shard_size=10**9)
-    return model, resident, streamed, seen
-
-
 @pytest.mark.parametrize("arch,step", STREAMED)
 def test_streamed_pruning_writes_the_resident_checkpoint(model_factory, tmp_path, arch, step):
-    model, resident, streamed, seen = _resident_and_streamed(model_factory, tmp_path, arch, step)
+    model, resident, streamed, seen = resident_and_streamed(model_factory, tmp_path, arch, step)
     assert seen == [1] * len(decoder_layers(model))  # each layer loaded once, alone
     ours, theirs = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "resident")
     assert sorted(ours) == sorted(theirs)
@@ -64,7 +50,7 @@ def test_streamed_pruning_writes_the_resident_checkpoint(model_factory, tmp_path
 
 
 def test_streamed_pruning_shrinks_the_checkpoint(model_factory, tmp_path):
-    model, _, streamed, _ = _resident_and_streamed(model_factory, tmp_path, "llama",
+    model, _, streamed, _ = resident_and_streamed(model_factory, tmp_path, "llama",
                                                    PruneConfig(heads=0.5, mlp=0.25))
     reloaded = load_model(str(tmp_path / "streamed"), "float32")
     assert reloaded.config.intermediate_size == 96 and reloaded.config.num_attention_heads == 2

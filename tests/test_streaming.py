@@ -115,12 +115,9 @@ def _context(path, samples=4, seqlen=32):
                                   calibration=windows)
 
 
-@pytest.mark.parametrize("arch,step", [
-    ("llama", GptqConfig(bits=4, group_size=32)),
-    ("opt", GptqConfig(bits=3, group_size=32, format="dense")),
-    ("gpt2", RtnConfig(bits=4, group_size=32)),
-])
-def test_streamed_step_writes_the_resident_checkpoint(model_factory, tmp_path, arch, step):
+def resident_and_streamed(model_factory, tmp_path, arch, step):
+    """The step run on a loaded model and saved (tmp_path/resident), and streamed (tmp_path/streamed):
+    (the resident model, both outcomes, the count of materialised layers at every layer load)."""
     path = model_factory(arch)
     tokenizer, ctx = _context(path)
     model = load_model(str(path), "float32")
@@ -130,6 +127,16 @@ def test_streamed_step_writes_the_resident_checkpoint(model_factory, tmp_path, a
     seen: list[int] = []
     _watch_layers(lazy, seen)
     streamed = write_streamed_step(lazy, step, ctx, tmp_path / "streamed", tokenizer, max_shard_size=10**9)
+    return model, resident, streamed, seen
+
+
+@pytest.mark.parametrize("arch,step", [
+    ("llama", GptqConfig(bits=4, group_size=32)),
+    ("opt", GptqConfig(bits=3, group_size=32, format="dense")),
+    ("gpt2", RtnConfig(bits=4, group_size=32)),
+])
+def test_streamed_step_writes_the_resident_checkpoint(model_factory, tmp_path, arch, step):
+    model, resident, streamed, seen = resident_and_streamed(model_factory, tmp_path, arch, step)
     assert seen == [1] * len(decoder_layers(model))
     ours, theirs = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "resident")
     assert list(ours) == list(theirs) or sorted(ours) == sorted(theirs)
