@@ -252,6 +252,17 @@ def _result_weights(f: ModelFacts, recipe) -> int:
     return f.weight_bytes
 
 
+def _kernel_working(f: ModelFacts, recipe) -> tuple[int, int]:
+    """(resident, streamed) bytes a packed result's linears need beside their checkpoint tensors once
+    they run: each prepares its kernel's own copy of the codes (as many bytes as the packed weights) and,
+    while preparing, int32 unpacked codes of the largest linear (8 bytes per weight with the transpose)."""
+    last = recipe.steps[-1] if recipe.steps else None
+    if getattr(last, "format", None) != "gptq":
+        return 0, 0
+    copy, transient = _packed(f, last.bits), 8 * f.largest_linear
+    return copy + transient, copy // max(f.layers, 1) + transient
+
+
 def _pair(f: ModelFacts, weights: int, work: tuple[int, int], acts: int, seconds: float | None, *,
           on_cpu: bool, base: int, host_transit: int = 0, host_work: int = 0) -> tuple[Estimate, Estimate]:
     """(resident, streamed) estimates of a phase that holds ``weights`` and needs ``work`` (resident,
@@ -310,7 +321,8 @@ def phase_estimates(recipe, f: ModelFacts, *, on_cpu: bool, base_host: int, text
     if recipe.evaluate.latency is not None and side_by_side_limit is not None \
             and 2 * (weights + result) <= side_by_side_limit:
         beside = weights  # the original is loaded again to time both alternately (llmslim.run_env)
-    out.append(("evaluate", *_pair(f, result + beside, (eval_work, eval_work), 0,
+    kernel = _kernel_working(f, recipe)
+    out.append(("evaluate", *_pair(f, result + beside, (eval_work + kernel[0], eval_work + kernel[1]), 0,
                                    eval_s * (2 if beside else 1) + (load_s if beside else 0), on_cpu=on_cpu,
                                    base=held, host_transit=beside)))
     return out
