@@ -250,3 +250,20 @@ def test_memory_plan_of_a_plan_renders():
                       device="cuda", device_limit=GB, host_limit=GB, limits_from="recipe memory block")
     table = memory_plan_table(plan)
     assert table.row_count == 1 and "recipe memory block" in str(table.title)
+
+
+def test_a_packed_result_is_planned_with_its_kernel_copy(recipe_writer, model_factory):
+    """Packed linears prepare their kernel's own copy of the codes when they first run: the evaluation of
+    a format: gptq result holds about the packed weights twice (a 3B run measured it over its limit)."""
+    model = model_factory("llama")
+    facts, _ = read_model_facts(str(model), "float32", False)
+
+    def evaluate(fmt):
+        recipe = load_recipe(recipe_writer(model, steps=f"  - gptq: {{bits: 4, group_size: 32, format: {fmt}}}"))
+        return plan_memory(recipe, free_device_bytes=100 * GB, free_host_bytes=100 * GB, base_host_bytes=0,
+                           facts=facts).phase("evaluate").device_bytes
+
+    packed_codes = facts.linear_parameters * 4 // 8
+    dense, packed = evaluate("dense"), evaluate("gptq")
+    weights = facts.weight_bytes - facts.linear_parameters * 4 + packed_codes
+    assert packed - (dense - facts.weight_bytes + weights) == packed_codes + 8 * facts.largest_linear
