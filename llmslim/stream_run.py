@@ -28,7 +28,7 @@ import torch
 
 from llmslim.errors import StepError, UsageError
 from llmslim.evaluate import evaluate_model, model_size_bytes
-from llmslim.evaluate.memory import PeakMemory, fix_mmap_threshold
+from llmslim.evaluate.memory import PeakMemory
 from llmslim.evaluate.streamed import evaluate_streamed
 from llmslim.memory_estimates import step_phase
 from llmslim.memory_plan import MemoryPlan
@@ -162,7 +162,6 @@ class StreamedRun:
 
     def __init__(self, run, plan: MemoryPlan):
         self.run, self.plan = run, plan
-        fix_mmap_threshold()  # each layer's temporaries go back to the system when freed
 
     def _activations(self, phase: str) -> torch.device:
         return torch.device("cpu") if self.plan.phase(phase).activations == "host" else self.run.device

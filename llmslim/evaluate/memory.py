@@ -46,9 +46,9 @@ def _reset_hwm() -> bool:
     return _vm_hwm() is not None
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _libc_function(function: str):
-    """A glibc function (``malloc_trim``, ``mallopt``), or None (another C library, or none found)."""
+    """A glibc function (``malloc_trim``), or None (another C library, or none found)."""
     import ctypes
     import ctypes.util
 
@@ -61,18 +61,6 @@ def _libc_function(function: str):
 
 def _malloc_trim():
     return _libc_function("malloc_trim")
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-STREAMED_MMAP_THRESHOLD = 128 * 1024
-
-
-def fix_mmap_threshold(size: int = STREAMED_MMAP_THRESHOLD) -> bool:
-    """Make glibc serve every allocation above ``size`` by its own mapping, returned to the system when
-    freed. By default the threshold grows (up to 32 MB) as large blocks are freed, so a streamed run's
-    per-layer temporaries then stay in the heap and the host keeps layers' worth of freed memory."""
-    mallopt = _libc_function("mallopt")
-    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, size))
 
 
 def release_host_memory() -> bool:
