@@ -5,6 +5,7 @@ works offline in its own temporary folder."""
 from __future__ import annotations
 
 import textwrap
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,14 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "data" / "train.txt").write_text("\n\n".join(CORPUS[:60]) + "\n")
     (tmp_path / "data" / "test.txt").write_text("\n\n".join(reversed(CORPUS[:60])) + "\n")
     return tmp_path
+
+
+@pytest.fixture
+def local_model(model_factory, workdir):
+    """The tiny Llama copied into the work folder (a run may then be pointed at it by a relative path)."""
+    target = workdir / "models" / "llama"
+    shutil.copytree(model_factory("llama"), target)
+    return target
 
 
 def write_recipe(folder: Path, model: Path, name: str = "w4-rtn", extra: str = "", steps: str | None = None,

@@ -35,14 +35,6 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def local_model(model_factory, workdir):
-    """A private copy of the tiny Llama inside the test folder."""
-    target = workdir / "models" / "llama"
-    shutil.copytree(model_factory("llama"), target)
-    return target
-
-
 def _refused(result, *needles):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

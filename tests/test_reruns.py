@@ -6,7 +6,6 @@ overwrites what the output holds."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -20,13 +19,6 @@ TWO_STEPS = "  - rtn: {bits: 4, group_size: 32, format: dense}\n  - rtn: {bits: 
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def local_model(model_factory, workdir):
-    target = workdir / "models" / "llama"
-    shutil.copytree(model_factory("llama"), target)
-    return target
 
 
 @pytest.fixture

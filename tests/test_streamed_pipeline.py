@@ -7,18 +7,16 @@ streamed run resumes from its step checkpoints."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 import llmslim.pipeline
 import llmslim.stream_run
 from llmslim.cli import app
-from llmslim.shards import checkpoint_keys
 from llmslim.streaming import LazyModel, is_materialised
+from tests.test_streaming import _tensors
 
 runner = CliRunner()
 GPTQ = "  - gptq: {bits: 4, group_size: 32}"
@@ -27,13 +25,6 @@ TWO_STEPS = "  - rtn: {bits: 8, group_size: 32, format: dense}\n  - gptq: {bits:
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def local_model(model_factory, workdir):
-    target = workdir / "models" / "llama"
-    shutil.copytree(model_factory("llama"), target)
-    return target
 
 
 @pytest.fixture
@@ -49,14 +40,6 @@ def layer_census(monkeypatch):
 
     monkeypatch.setattr(LazyModel, "load_layer", load_layer)
     return seen
-
-
-def _tensors(folder):
-    out = {}
-    for key, file in checkpoint_keys(folder).items():
-        with safe_open(str(file), "pt") as fh:
-            out[key] = fh.get_tensor(key)
-    return out
 
 
 def _report(workdir, name):

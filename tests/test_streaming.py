@@ -9,14 +9,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from llmslim.evaluate.perplexity import mean_nll
 from llmslim.evaluate.streamed import streamed_mean_nll
 from llmslim.modeling import decoder_layers, load_model, load_tokenizer, save_checkpoint
 from llmslim.progress import Progress
 from llmslim.recipe.steps import GptqConfig, RtnConfig
-from llmslim.shards import checkpoint_keys
+from llmslim.shards import iter_checkpoint_tensors
 from llmslim.steps import StepContext, run_step
 from llmslim.stream_run import write_streamed_step
 from llmslim.streaming import LazyModel, is_materialised
@@ -41,11 +40,7 @@ def _watch_layers(lazy: LazyModel, seen: list[int]):
 
 
 def _tensors(folder):
-    out = {}
-    for key, file in checkpoint_keys(folder).items():
-        with safe_open(str(file), "pt") as fh:
-            out[key] = fh.get_tensor(key)
-    return out
+    return dict(iter_checkpoint_tensors(folder))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])

@@ -56,42 +56,36 @@ def _writable_problem(output: Path) -> str | None:
     return None
 
 
-def check_output_path(recipe: Recipe, recipe_dir: Path, add: Callable) -> None:
-    """Refuse outputs that would overwrite or delete the user's inputs, or that cannot be written."""
-    output = Path(recipe.output).resolve()
-    loc = ("output",)
-    if output == Path(output.anchor):
-        add(loc, "the output cannot be the root of the filesystem")
-        return
-    for what, path, folder in protected_inputs(recipe, recipe_dir):
-        if output == path:
-            add(loc, f"{output} is {what}; llmslim would replace it: choose another output")
-        elif output in path.parents:
-            add(loc, f"{output} contains {what} ({path}); llmslim would replace it: choose another output")
-        elif folder and _inside(output, path):
-            add(loc, f"{output} lies inside {what} ({path}); write the output elsewhere")
-    problem = _writable_problem(output)
-    if problem:
-        add(loc, problem)
-    if recipe.memory.offload_folder is not None:
-        _check_offload_folder(Path(recipe.memory.offload_folder).resolve(), output, recipe, recipe_dir, add)
-
-
-def _check_offload_folder(offload: Path, output: Path, recipe: Recipe, recipe_dir: Path, add: Callable) -> None:
-    """The offload folder is written and emptied by a run: it may not be, hold or lie inside what the recipe
-    reads, nor the output (which a run replaces)."""
-    loc = ("memory", "offload_folder")
-    if offload == Path(offload.anchor):
-        add(loc, "the offload folder cannot be the root of the filesystem")
-        return
-    targets = protected_inputs(recipe, recipe_dir) + [("the output", output, True)]
+def _placement_problems(target: Path, name: str, targets: list[tuple[str, Path, bool]],
+                        advice: tuple[str, str]) -> list[str]:
+    """Why ``target`` (the output, the offload folder: both written and replaced by a run) may not be
+    where it is: the filesystem root, one of ``targets`` (what, path, is a folder), holding one, inside
+    one, or not writable. ``advice``: what to do when it is or holds one, and when it lies inside one."""
+    if target == Path(target.anchor):
+        return [f"the {name} cannot be the root of the filesystem"]
+    out = []
     for what, path, folder in targets:
-        if offload == path:
-            add(loc, f"{offload} is {what}; choose another offload folder")
-        elif offload in path.parents:
-            add(loc, f"{offload} contains {what} ({path}); choose another offload folder")
-        elif folder and _inside(offload, path):
-            add(loc, f"{offload} lies inside {what} ({path}); choose another offload folder")
-    problem = _writable_problem(offload)
-    if problem:
-        add(loc, problem.replace("an output", "an offload folder"))
+        if target == path:
+            out.append(f"{target} is {what}; {advice[0]}")
+        elif target in path.parents:
+            out.append(f"{target} contains {what} ({path}); {advice[0]}")
+        elif folder and _inside(target, path):
+            out.append(f"{target} lies inside {what} ({path}); {advice[1]}")
+    writable = _writable_problem(target)
+    return out + ([writable.replace("an output", f"an {name}")] if writable else [])
+
+
+def check_output_path(recipe: Recipe, recipe_dir: Path, add: Callable) -> None:
+    """Refuse outputs that would overwrite or delete the user's inputs, or that cannot be written; the
+    same for the offload folder, which may not be, hold or lie inside what the recipe reads, nor the output."""
+    output = Path(recipe.output).resolve()
+    inputs = protected_inputs(recipe, recipe_dir)
+    for problem in _placement_problems(output, "output", inputs, ("llmslim would replace it: choose another "
+                                                                  "output", "write the output elsewhere")):
+        add(("output",), problem)
+    if recipe.memory.offload_folder is None or output == Path(output.anchor):
+        return
+    offload = Path(recipe.memory.offload_folder).resolve()
+    for problem in _placement_problems(offload, "offload folder", inputs + [("the output", output, True)],
+                                       ("choose another offload folder",) * 2):
+        add(("memory", "offload_folder"), problem)

@@ -313,9 +313,8 @@ def _layer_report(shape: ModelShape, compressor: PruneCompressor | None, meter: 
 def apply_prune(model, config, ctx: StepContext, layers=None, activations: torch.device | None = None) -> StepOutcome:
     """``layers``/``activations``: a streamed model's layer source and where its calibration inputs are kept,
     as for :func:`llmslim.steps.gptq.apply_gptq` (width pruning only: layer removal and taylor importance
-    need the whole model, see :meth:`PruneConfig.stream_problem`)."""
-    if layers is not None and config.stream_problem():
-        raise StepError("prune", f"cannot run streamed: {config.stream_problem()}")
+    need the whole model; :func:`llmslim.stream_run.write_streamed_step` refuses them, see
+    :meth:`PruneConfig.stream_problem`)."""
     shape, plan = _shape_and_plan(model, config)
     for note in plan.notes:
         LOGGER.warning("prune: %s", note)
