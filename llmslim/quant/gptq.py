@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -79,21 +80,42 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, x: torch.Tensor,
     return H, total
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
+def working_hessian(H: torch.Tensor, device: torch.device, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 copy of ``H`` on ``device`` (in the order ``perm`` when given) whose zero diagonal entries
+    (dead columns) are 1: what the factorisation works on, and may overwrite."""
+    H = H.detach().to(device=device, dtype=torch.float32)
+    out = H.clone() if perm is None else H[perm][:, perm]
+    diag = out.diagonal()
+    diag[diag == 0] = 1.0
+    return out
 
-    Raises ``damp`` geometrically until both factorisations succeed.
+
+def _inverse_cholesky(make_h: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, ``H`` from ``make_h()``
+    (a fresh working copy, see :func:`working_hessian`, owned and overwritten here).
+
+    Raises ``damp`` geometrically until both factorisations succeed. At most three ``[K, K]`` matrices
+    are alive at once beside the caller's Hessian: the damped copy is factorised in place (no identity,
+    no sum), and it and each intermediate factor are dropped as soon as the next one exists. A rare
+    failure of the second factorisation asks ``make_h`` for a new copy.
     Returns ``(U [K, K], damp_used, retries)``.
     """
+    H, added = make_h(), 0.0
     base = H.diagonal().abs().mean().item()
     base = base if base > 0 and math.isfinite(base) else 1.0
     current, retries = damp, 0
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     while current <= DAMP_MAX:
-        lower, info = torch.linalg.cholesky_ex(H + (current * base) * eye)
+        if H is None:
+            H, added = make_h(), 0.0
+        H.diagonal().add_(current * base - added)
+        added = current * base
+        lower, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
+            H = None
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, current, retries
         retries += 1
@@ -206,9 +228,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     n, k = W.shape
     gs, groups = spec.groups_for(k)
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
-    dead = H.diagonal() == 0                                            # [K]
-    H.diagonal()[dead] = 1.0
+    diag = H.diagonal().to(device=W.device, dtype=torch.float32).clone()   # [K]
+    dead = diag == 0
+    diag[dead] = 1.0
     W[:, dead] = 0.0
     if pruned is not None:
         if tuple(pruned.shape) != (n, k):
@@ -218,21 +240,22 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     per_channel = groups == 1
     static = static_groups and not per_channel
     if static:
-        scales, zeros = group_params(W, spec, H.diagonal())            # [G, N]
+        scales, zeros = group_params(W, spec, diag)                    # [G, N]
     else:
         scales = torch.zeros(groups, n, dtype=torch.float32, device=W.device)
         zeros = torch.zeros_like(scales)
     natural = torch.arange(k, device=W.device)
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else natural
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else natural
     if act_order:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, diag = W[:, perm], diag[perm]
         pruned = pruned[:, perm] if pruned is not None else None
     if per_channel:
-        s, z = find_params(W, spec, H.diagonal())
+        s, z = find_params(W, spec, diag)
         scales[0], zeros[0] = s[:, 0], z[:, 0]
-    hdiag = H.diagonal().clone()                                        # [K] in quantization order
-    Hinv, damp_used, retries = _inverse_cholesky(H, damp)
-    del H
+    hdiag = diag                                                        # [K] in quantization order
+    # the caller's H is read, never copied whole more than once at a time (large inputs: 4 K² bytes each)
+    Hinv, damp_used, retries = _inverse_cholesky(
+        lambda: working_hessian(H, W.device, perm if act_order else None), damp)
     # the group of each column in quantization order: natural groups of the original
     # columns when static, consecutive runs of the (permuted) order when dynamic
     col_group = torch.zeros_like(natural) if per_channel else (perm if static else natural) // gs   # [K]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmslim.quant.gptq import _inverse_cholesky
+from llmslim.quant.gptq import _inverse_cholesky, working_hessian
 from llmslim.sparse.masks import nm_mask, row_counts, unstructured_mask
 
 __all__ = ["SparseGPTStats", "sparsegpt_prune"]
@@ -52,12 +52,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, *, sparsity: float | None 
         raise ValueError(f"{k} input columns are not a multiple of M = {pattern[1]} for the "
                          f"{pattern[0]}:{pattern[1]} pattern")
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
+    dead = H.diagonal().to(W.device) == 0
     W[:, dead] = 0.0
-    Hinv, damp_used, retries = _inverse_cholesky(H, damp)
-    del H
+    Hinv, damp_used, retries = _inverse_cholesky(lambda: working_hessian(H, W.device), damp)
     block = block_size if pattern is None else max(pattern[1], (block_size // pattern[1]) * pattern[1])
     mask = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, k, block):
