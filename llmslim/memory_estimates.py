@@ -22,8 +22,11 @@ once); afterwards what the allocator still holds once the run hands freed memory
 tokenizers on Linux/glibc, 0.45 to 10 million characters. Once the model runs, a constant
 ``RUNTIME_HOST_BYTES`` more (kernels' scratch buffers, thread pools, the generation utilities). On a CPU run the device is the host, so
 both columns are the process's resident set.
-Times are rough: FLOPs at an assumed rate, bytes at an assumed bandwidth, plus a per-call overhead
-(``RATES``); they are not calibrated (see benchmarks/memory_plan.py).
+Times are rough: matmul FLOPs (forward passes) at one rate, the FLOPs of GPTQ/SparseGPT's per-linear
+solve (factorisations and the column loop, ``K³ + 4K²·hidden``) at a lower one, bytes at an assumed
+bandwidth, plus a per-call overhead (``RATES``). The CPU rates were fitted on one thread of an AMD
+EPYC in bfloat16 on the 0.5B-3B models of benchmarks/scale.py (more threads: expect less time);
+the CUDA rates are guesses, not measured.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ TOKENIZE_PEAK_BYTES_PER_CHAR = 155  # host memory while the tokenizer encodes a 
 TOKENIZED_HELD_BYTES_PER_CHAR = 8   # what stays held afterwards (ids, fragmentation), per character
 RUNTIME_HOST_BYTES = 50_000_000     # host memory of running the model at all: kernels' scratch, thread pools,
 #                                     the generation utilities (measured 40-80 MB on CPU, whatever the model)
-# FLOP/s, bytes/s of memory and of disk, seconds per decoder-layer call: rough, for the time column only
-RATES = {"cpu": {"flops": 1e10, "memory": 1e10, "disk": 1e9, "call": 2e-3},
-         "cuda": {"flops": 5e13, "memory": 1e12, "disk": 2e9, "call": 1e-4}}
+# matmul FLOP/s, solve FLOP/s, bytes/s of memory and of disk, seconds per decoder-layer call: rough, for
+# the time column only (cpu: one thread, benchmarks/scale.py; cuda: not measured)
+RATES = {"cpu": {"flops": 1.3e11, "solve": 2.2e10, "memory": 1e10, "disk": 1e9, "call": 2e-3},
+         "cuda": {"flops": 5e13, "solve": 1e12, "memory": 1e12, "disk": 2e9, "call": 1e-4}}
 
 
 @dataclass(frozen=True)
@@ -209,9 +213,15 @@ def phase_names(recipe) -> list[str]:
     return ["load", "baseline"] + [step_phase(i, s) for i, s in enumerate(recipe.steps)] + ["evaluate"]
 
 
-def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, float]:
-    """(resident working set, streamed working set, calibration activations, FLOPs) of one step, beside the
-    weights. Streamed, a quantizing step packs each layer when it is done: one layer's codes at a time."""
+def _solve_flops(f: ModelFacts) -> float:
+    """GPTQ/SparseGPT's per-linear solve over the model: ``K³`` (factorisations) and ``4K²·hidden``."""
+    return f.layers * sum(i ** 3 + 4 * i * i * f.hidden for i in f.inputs)
+
+
+def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, tuple[float, float]]:
+    """(resident working set, streamed working set, calibration activations, (matmul FLOPs, solve FLOPs))
+    of one step, beside the weights. Streamed, a quantizing step packs each layer when it is done: one
+    layer's codes at a time."""
     name = step.STEP_NAME
     cal = recipe.calibration
     acts = calibration_activations(f, cal.samples, cal.seqlen) if cal is not None and name != "rtn" else 0
@@ -221,11 +231,10 @@ def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, float]:
     if name == "gptq":
         work = forward + _hessians(f, step.true_sequential) + _solve_workspace(f)
         packed = _packed(f, step.bits) if step.format == "gptq" else 0
-        flops = 2 * f.parameters * tokens * 3 + f.layers * sum(i ** 3 + 4 * i * i * f.hidden for i in f.inputs)
-        return work + _codes(f) + packed, work + layer_codes, acts, flops
+        return work + _codes(f) + packed, work + layer_codes, acts, (2 * f.parameters * tokens * 3, _solve_flops(f))
     if name == "rtn":
         work = 3 * f.largest_linear * 4
-        return work + _codes(f), work + layer_codes, 0, 10 * f.linear_parameters
+        return work + _codes(f), work + layer_codes, 0, (10 * f.linear_parameters, 0.0)
     if name == "sparsify":
         method = step.method
         if method == "sparsegpt":
@@ -234,14 +243,15 @@ def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, float]:
             work = 2 * f.parameters * 4 + forward * f.layers
         else:
             work = forward + 2 * f.largest_linear * 4
-        return work, work, acts if method in ("wanda", "sparsegpt") else 0, 2 * f.parameters * tokens * 2
+        solve = _solve_flops(f) if method == "sparsegpt" else 0.0
+        return work, work, acts if method in ("wanda", "sparsegpt") else 0, (2 * f.parameters * tokens * 2, solve)
     if name == "prune":
         work = forward + 2 * f.layer_parameters * f.dtype_bytes
-        return work, work, acts, 2 * f.parameters * tokens * 2
+        return work, work, acts, (2 * f.parameters * tokens * 2, 0.0)
     if name == "distill":
         work = _distill_working(f, step)
-        return work, work, 0, 6 * f.parameters * step.tokens
-    return forward, forward, acts, 2 * f.parameters * tokens
+        return work, work, 0, (6 * f.parameters * step.tokens, 0.0)
+    return forward, forward, acts, (2 * f.parameters * tokens, 0.0)
 
 
 def _result_weights(f: ModelFacts, recipe) -> int:
@@ -328,12 +338,12 @@ def phase_estimates(recipe, f: ModelFacts, *, on_cpu: bool, base_host: int, text
     return out
 
 
-def _step_seconds(f: ModelFacts, step, recipe, flops: float, rate: dict) -> float:
-    """FLOPs at the assumed rate, plus the per-call overhead of the calibration loop's layer calls."""
+def _step_seconds(f: ModelFacts, step, recipe, flops: tuple[float, float], rate: dict) -> float:
+    """Matmul and solve FLOPs at their rates, plus the per-call overhead of the calibration loop's calls."""
     cal = recipe.calibration
     batches = -(-cal.samples // CALIBRATION_BATCH) if cal is not None else 0
     calls = f.layers * batches * (len(set(f.inputs)) + 2) if step.STEP_NAME not in ("rtn", "distill") else 0
-    return flops / rate["flops"] + calls * rate["call"]
+    return flops[0] / rate["flops"] + flops[1] / rate["solve"] + calls * rate["call"]
 
 
 def _evaluate_seconds(f: ModelFacts, recipe, rate: dict) -> float:
