@@ -7,7 +7,9 @@ there are skipped):
 1. the baseline, then llmslim's RTN and GPTQ with default options at W4 g128,
    W3 g128, W2 g128 and W3 per-channel, with quantization wall time; with
    ``--methods``, also ``awq`` (packed, searched clipping), ``awq+gptq`` (AWQ's
-   scales, no clipping, then GPTQ) and ``signround`` (learned rounding, packed);
+   scales, no clipping, then GPTQ), ``awq-rgptq`` (one awq step with ``rounding:
+   gptq``: scales chosen by GPTQ's error) and ``signround`` (learned rounding,
+   packed); the awq and signround checkpoints are kept for the interop check;
 2. with ``--peer-python`` (a venv with gptqmodel + optimum, see
    ``../shared/notes/peers-cpu.md``): GPTQModel at W4 g128 and W3 g128 on the
    same calibration windows, its wall time, its checkpoint evaluated through
@@ -15,7 +17,10 @@ there are skipped):
    interop check: llmslim's W4 g128 checkpoint loaded in stock transformers
    (gptqmodel ``gptq_torch`` backend: 576 is not a multiple of 128, so the last
    group is partial) against llmslim's own loader, on ``--interop-windows``
-   windows.
+   windows, and the same for every kept awq / signround checkpoint.
+
+``--redo KEY,...`` remeasures the named rows (e.g. a peer row, to have it
+measured in the same run as a new llmslim row).
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ COLUMNS = ["method", "bits", "group", "calibration", "ppl", "increase_%", "size_
            "loadavg_1m", "torch_threads"]
 HERE = Path(__file__).resolve().parent
 KEEP = HERE / ".cache" / "smollm2-tier"
+KEPT = ("awq", "signround")   # checkpoints kept (with gptq W4 g128) for the interop check
 
 
-def quantize_row(folder, ctx, configs: list, eval_ids, base_ppl, tmp: Path) -> dict:
-    """Run ``configs`` (one step, or e.g. awq then gptq) on a fresh copy of the model and measure it."""
+def quantize_row(folder, ctx, configs: list, eval_ids, base_ppl, tmp: Path, key: str, label: str) -> dict:
+    """Run ``configs`` (one step, or e.g. awq then gptq) on a fresh copy of the model and measure it; the
+    W4 g128 gptq checkpoint and the awq / signround ones are kept under ``KEEP / key``."""
     from llmslim.modeling import load_model
     from llmslim.steps import run_step
 
@@ -49,18 +56,18 @@ def quantize_row(folder, ctx, configs: list, eval_ids, base_ppl, tmp: Path) -> d
             run_step(model, config, ctx)
     value = ppl(model, eval_ids)
     last = configs[-1]
-    keep = [c.STEP_NAME for c in configs] == ["gptq"] and (last.bits, last.group_size) == (4, 128)
-    name = "+".join(c.STEP_NAME for c in configs)
-    target = KEEP / "gptq-w4-g128" if keep else tmp / f"{name}-{last.bits}-{last.group_size}"
-    size = saved_size(model, ctx.tokenizer, target)
-    return {"method": f"llmslim {name}", "bits": last.bits, "group": last.group_size,
+    names = [c.STEP_NAME for c in configs]
+    keep = (names == ["gptq"] and (last.bits, last.group_size) == (4, 128)) or names[0] in KEPT
+    size = saved_size(model, ctx.tokenizer, (KEEP if keep else tmp) / key)
+    return {"method": f"llmslim {label}", "bits": last.bits, "group": last.group_size,
             "ppl": round(value, 3), "increase_%": round(100 * (value / base_ppl - 1), 2),
             "size_MB": round(size / 1e6, 1), "quant_s": round(timer.seconds, 1), "eval_path": "llmslim", **env}
 
 
 def method_configs(method: str, bits: int, group: int, args) -> list:
     """The step configs of one part-1 method: rtn, gptq, awq (format gptq), awq+gptq (AWQ's scales without
-    clipping, then GPTQ), signround (packed; ``--signround-iters``/``--signround-batch``)."""
+    clipping, then GPTQ), awq-rgptq (rounding gptq, one pass), signround (packed;
+    ``--signround-iters``/``--signround-batch``)."""
     from llmslim.recipe.awq_config import AwqConfig
     from llmslim.recipe.signround_config import SignroundConfig
     from llmslim.recipe.steps import GptqConfig, RtnConfig
@@ -69,6 +76,7 @@ def method_configs(method: str, bits: int, group: int, args) -> list:
     return {"rtn": lambda: [RtnConfig(**common)], "gptq": lambda: [GptqConfig(**common)],
             "awq": lambda: [AwqConfig(**common, format="gptq")],
             "awq+gptq": lambda: [AwqConfig(**common, clip=False), GptqConfig(**common)],
+            "awq-rgptq": lambda: [AwqConfig(**common, rounding="gptq")],
             "signround": lambda: [SignroundConfig(**common, format="gptq", iters=args.signround_iters,
                                                   batch_size=args.signround_batch)]}[method]()
 
@@ -101,16 +109,26 @@ def peer_rows(rows: Rows, folder, ctx, calib, eval_ids, base_ppl, args, tmp: Pat
                   "increase_%": round(100 * (value / base_ppl - 1), 2), "size_MB": round(size / 1e6, 1),
                   "quant_s": round(theirs["quantize_seconds"], 1), "eval_path": "llmslim (its checkpoint)",
                   "calibration": f"{calib.shape[0]} x {calib.shape[1]}", **env})
-    key = "interop-w4-g128"
-    if rows.get(key):
-        return
-    ckpt = KEEP / "gptq-w4-g128"  # part 1 keeps its W4 g128 checkpoint here (git-ignored cache)
-    if not (ckpt / "config.json").is_file():
+    gptq_w4 = KEEP / "gptq-w4-g128"  # part 1 keeps its W4 g128 checkpoint here (git-ignored cache)
+    if not (gptq_w4 / "config.json").is_file():
         model = load_model(str(folder), "float32", "cpu")
         run_step(model, GptqConfig(bits=4, group_size=128), ctx)
-        saved_size(model, ctx.tokenizer, ckpt)
+        saved_size(model, ctx.tokenizer, gptq_w4)
     few = eval_ids[: args.interop_windows]
     torch.save(few, tmp / "few.pt")
+    kept = [("interop-w4-g128", gptq_w4, "llmslim W4 g128", 4)]
+    for ckpt in sorted(p for p in KEEP.iterdir() if p.name.startswith(KEPT) and (p / "config.json").is_file()):
+        bits = json.loads((ckpt / "config.json").read_text())["quantization_config"]["bits"]
+        kept.append((f"interop-{ckpt.name}", ckpt, f"llmslim {ckpt.name}", bits))
+    for key, ckpt, label, bits in kept:
+        if not rows.get(key):
+            rows.add(interop_row(key, ckpt, label, bits, few, args, tmp))
+
+
+def interop_row(key: str, ckpt: Path, label: str, bits: int, few, args, tmp: Path) -> dict:
+    """``ckpt`` loaded in stock transformers (gptqmodel's torch kernel) against llmslim's own loader."""
+    from llmslim.modeling import load_model
+
     own = load_model(str(ckpt), "float32", "cpu")
     with torch.no_grad():
         own_logits = own(input_ids=few[:2]).logits.float()
@@ -118,10 +136,10 @@ def peer_rows(rows: Rows, folder, ctx, calib, eval_ids, base_ppl, args, tmp: Pat
     peer(args.peer_python, "load", ckpt, tmp / "few.pt", tmp / "load.json", "gptq_torch")
     loaded = json.loads((tmp / "load.json").read_text())
     diff = (torch.load(tmp / "load.json.logits.pt") - own_logits).abs().max().item()
-    rows.add({"key": key, "method": "interop: llmslim W4 g128 in stock transformers", "bits": 4, "group": 128,
-              "ppl": round(loaded["perplexity"], 3), "eval_path": f"transformers + gptqmodel {loaded['kernels']} "
-              f"fp16, first {few.shape[0]} windows; llmslim loader fp32 on the same windows: {own_ppl:.3f}; "
-              f"max |logit diff| {diff:.3f}"})
+    return {"key": key, "method": f"interop: {label} in stock transformers", "bits": bits, "group": 128,
+            "ppl": round(loaded["perplexity"], 3), "eval_path": f"transformers + gptqmodel {loaded['kernels']} "
+            f"fp16, first {few.shape[0]} windows; llmslim loader fp32 on the same windows: {own_ppl:.3f}; "
+            f"max |logit diff| {diff:.3f}"}
 
 
 def main() -> None:
@@ -129,9 +147,10 @@ def main() -> None:
     parser.add_argument("--peer-python", default="", help="python of a venv with gptqmodel and optimum")
     parser.add_argument("--interop-windows", type=int, default=4)
     parser.add_argument("--fresh", action="store_true", help="remeasure every row")
+    parser.add_argument("--redo", default="", help="keys of rows to remeasure, comma-separated")
     parser.add_argument("--only-peer", action="store_true", help="skip part 1 (llmslim rows)")
     parser.add_argument("--methods", default="rtn,gptq",
-                        help="part 1 methods, comma-separated: rtn, gptq, awq, awq+gptq, signround")
+                        help="part 1 methods, comma-separated: rtn, gptq, awq, awq+gptq, awq-rgptq, signround")
     parser.add_argument("--signround-iters", type=int, default=200)
     parser.add_argument("--signround-batch", type=int, default=8)
     parser.add_argument("--settings", default="4:128,3:128,2:128,3:-1", help="part 1 BITS:GROUP, comma-separated")
@@ -145,6 +164,8 @@ def main() -> None:
     tag = "" if args.calib_samples == CALIB_SAMPLES else f"-c{args.calib_samples}"
     calib_label = f"{args.calib_samples} x {CALIB_SEQLEN}"
     rows = Rows("quant", COLUMNS, args.fresh)
+    for key in filter(None, (k.strip() for k in args.redo.split(","))):
+        rows.drop(key)
     base = rows.get("baseline")
     if base is None:
         env = machine()
@@ -162,7 +183,8 @@ def main() -> None:
                 suffix = f"-i{args.signround_iters}-b{args.signround_batch}" if method == "signround" else ""
                 key = f"{method.replace('+', '-')}-w{bits}-g{group}" + suffix + (tag if method != "rtn" else "")
                 if not rows.get(key):
-                    row = quantize_row(folder, ctx, configs, eval_ids, base_ppl, Path(tmp))
+                    label = "awq rounding=gptq" if method == "awq-rgptq" else method
+                    row = quantize_row(folder, ctx, configs, eval_ids, base_ppl, Path(tmp), key, label)
                     label = "-" if method == "rtn" else calib_label
                     rows.add({"key": key, **row, "calibration": label + suffix.replace("-", " ")})
         if args.peer_python and Path(args.peer_python).exists():

@@ -124,6 +124,11 @@ class Rows:
             row = self.add({"key": key, **fields, "ppl": round(value, 3), "increase_%": 0.0, **machine()})
         return row
 
+    def drop(self, key: str) -> None:
+        """Forget row ``key`` here and on disk, so that it is measured again."""
+        self.rows = [r for r in self.rows if r.get("key") != key]
+        self.save()
+
     def add(self, row: dict) -> dict:
         if self.path.is_file():  # rows another process of the same part wrote meanwhile are kept
             on_disk = json.loads(self.path.read_text())["rows"]

@@ -13,7 +13,10 @@ unchanged while the channels that carry large activations get a finer grid.
   also ``s = 1`` (plain RTN), so it never chooses scales worse than none.
 * The objective is the output error of **the group's own linears** (their
   outputs concatenated), ``Σ_l ‖X (Q(W_l·diag(s))·diag(s)⁻¹ − W_l)ᵀ‖²``, with
-  ``Q`` the group-wise min-max round-to-nearest of the step. The original AWQ
+  ``Q`` the group-wise min-max round-to-nearest of the step, or the rounding
+  that will really be applied (:func:`search_scales_with`: e.g. GPTQ on the
+  scaled weights and the scaled Hessian ``diag(s)⁻¹ H diag(s)⁻¹``, so that the
+  scales are chosen for GPTQ's error, not for a rounding it will not use). The original AWQ
   measures the output of the block the group feeds (the attention output for
   q/k/v); the linears' own outputs need no rerun of the block and are
   evaluated exactly on all calibration tokens through ``H = 2XᵀX/n`` (the
@@ -31,13 +34,14 @@ All math is in float32 on the tensors' device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from llmslim.quant.quantizer import QuantSpec, dequantize, find_params, quantize, rtn_quantize_weight
+from llmslim.quant.quantizer import QuantizedWeight, QuantSpec, dequantize, find_params, quantize, rtn_quantize_weight
 
-__all__ = ["MAX_SHRINK", "ScaleSearch", "output_error", "weight_channel_mean", "candidate_scales",
+__all__ = ["MAX_SHRINK", "ScaleSearch", "Rounder", "output_error", "search_scales_with", "weight_channel_mean", "candidate_scales",
            "search_scales", "search_clip", "clip_range", "fold_into_norm", "fold_into_rows", "scale_columns",
            "scaled_hessian"]
 
@@ -56,6 +60,8 @@ class ScaleSearch:
     error: float
     base_error: float
     reference: float
+    rounded: list[QuantizedWeight] = field(default_factory=list)       # the winner's, per linear
+    base_rounded: list[QuantizedWeight] = field(default_factory=list)  # with s = 1, per linear
 
     @property
     def relative_error(self) -> float:
@@ -102,9 +108,15 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return s / (s.max() * s.min()).sqrt()
 
 
+def _alphas(grid: int, duo: bool) -> list[float]:
+    """The exponents tried besides ``s = 1`` (``α = 0`` without ``duo`` is ``s = 1`` itself)."""
+    return [i / grid for i in range(grid) if i or duo]
+
+
 def search_scales(weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Tensor, spec: QuantSpec,
                   grid: int = 20, duo: bool = True) -> ScaleSearch:
-    """The per-input-channel scales of a group of linears sharing one input (see the module docstring).
+    """The per-input-channel scales of a group of linears sharing one input, scored by min-max
+    round-to-nearest (see the module docstring).
 
     ``weights``: the group's ``[N_l, K]`` weights; ``x_mean [K]``: mean ``|x|`` per channel;
     ``h [K, K]``: ``2XᵀX/n`` of the same inputs.
@@ -114,16 +126,46 @@ def search_scales(weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Te
     base = output_error(w, h, ones, spec)
     best = (None, ones, base)
     w_mean = weight_channel_mean(w, spec) if duo else None
-    for i in range(grid):
-        alpha = i / grid
-        if alpha == 0 and w_mean is None:
-            continue  # mean|x|^0 = 1: the base
+    for alpha in _alphas(grid, duo):
         s = candidate_scales(x_mean.float(), w_mean, alpha)
         err = output_error(w, h, s, spec)
         if err < best[2]:
             best = (alpha, s, err)
     return ScaleSearch(alpha=best[0], scales=best[1], error=best[2], base_error=base,
                        reference=_trace(w, h))
+
+
+Rounder = Callable[[torch.Tensor, torch.Tensor], QuantizedWeight]
+"""``(scaled weight [N, K], Hessian of its inputs [K, K]) -> its rounding``, e.g. GPTQ."""
+
+
+def _rounded_error(weights: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor,
+                   rounder: Rounder) -> tuple[float, list[QuantizedWeight]]:
+    hs = scaled_hessian(h, s)
+    rounded = [rounder(w * s, hs) for w in weights]
+    err = sum(_trace(q.dequantize().to(w.device) / s - w, h) for q, w in zip(rounded, weights))
+    return err, rounded
+
+
+def search_scales_with(weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Tensor, spec: QuantSpec,
+                       rounder: Rounder, grid: int = 20, duo: bool = True) -> ScaleSearch:
+    """:func:`search_scales` with every candidate scored by ``rounder`` applied to the scaled weights and
+    the scaled Hessian; ``rounded`` holds the winner's rounding of each linear (in the scaled space), so
+    the caller packs it as it is (``base_rounded``: with ``s = 1``). ``s = 1`` is a candidate, so the error is never above the rounder's
+    own on the unscaled weights (``base_error``)."""
+    weights = [w.float() for w in weights]
+    ones = torch.ones(weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
+    base, base_rounded = _rounded_error(weights, h, ones, rounder)
+    best = (None, ones, base, base_rounded)
+    w_mean = weight_channel_mean(torch.cat(weights), spec) if duo else None
+    for alpha in _alphas(grid, duo):
+        s = candidate_scales(x_mean.float(), w_mean, alpha)
+        err, rounded = _rounded_error(weights, h, s, rounder)
+        if err < best[2]:
+            best = (alpha, s, err, rounded)
+    return ScaleSearch(alpha=best[0], scales=best[1], error=best[2], base_error=base,
+                       reference=sum(_trace(w, h) for w in weights), rounded=best[3],
+                       base_rounded=base_rounded)
 
 
 def scaled_hessian(h: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,20 @@ class AwqConfig(StepConfig):
     Before ``gptq``, ``clip: false`` is usually better: the clipping is searched
     for round-to-nearest, and GPTQ searches its own ranges and cannot undo it.
 
+    ``rounding: gptq`` does both in one calibration pass: each candidate α is
+    scored by the output error after GPTQ (the ``gptq`` step's defaults:
+    act_order, static groups, mse ranges, damp 0.01) on the scaled weights, and
+    the winner's GPTQ codes are packed. It implies ``format: gptq`` and no
+    AWQ clipping, and costs one GPTQ solve per candidate.
+
     Sample YAML::
 
         steps:
-          - awq: {bits: 3, group_size: 128, clip: false}   # scales
-          - gptq: {bits: 3, group_size: 128}               # rounding
+          - awq: {bits: 3, group_size: 128, rounding: gptq}   # scales chosen for GPTQ, packed
+
+        steps:   # the same idea in two passes: scales searched for round-to-nearest
+          - awq: {bits: 3, group_size: 128, clip: false}
+          - gptq: {bits: 3, group_size: 128}
     """
 
     STEP_NAME: ClassVar[str] = "awq"
@@ -53,7 +62,11 @@ class AwqConfig(StepConfig):
     sym: bool = Field(True, description="symmetric grid around zero")
     grid: int = Field(20, ge=2, le=1000, strict=True, description="candidate exponents α = i/grid of the scale "
                       "search, and clipping ratios 1 - i/grid above 0.5")
-    clip: bool = Field(True, description="search a clipping range per weight group after scaling")
+    rounding: Literal["nearest", "gptq"] = Field(
+        "nearest", description="the rounding the scales are searched for and applied with: nearest (min-max "
+        "round-to-nearest), or gptq (GPTQ on the scaled weights, packed; implies format gptq, clip false)")
+    clip: bool = Field(True, description="search a clipping range per weight group after scaling (rounding "
+                       "nearest only)")
     duo_scaling: bool = Field(True, description="scales mean|x|^α / mean|w|^(1-α) (AutoAWQ's default); false: "
                               "mean|x|^α")
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE),
@@ -65,8 +78,21 @@ class AwqConfig(StepConfig):
 
     _group = field_validator("group_size")(_check_group_size)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gptq_rounding_defaults(cls, data):
+        if isinstance(data, Mapping) and data.get("rounding") == "gptq":
+            return {"format": "gptq", "clip": False, **data}
+        return data
+
     @model_validator(mode="after")
     def _packable(self) -> "AwqConfig":
+        if self.rounding == "gptq" and self.format != "gptq":
+            raise ValueError("rounding gptq packs the GPTQ codes it chose the scales for; format must be gptq "
+                             "(the default with rounding gptq)")
+        if self.rounding == "gptq" and self.clip:
+            raise ValueError("rounding gptq searches its own ranges (GPTQ's mse search); clip applies to "
+                             "rounding nearest only: remove clip or set it false")
         if self.format == "gptq" and self.bits not in PACKABLE_BITS:
             raise ValueError(f"format gptq packs 2, 3, 4 or 8 bits, not {self.bits}; use format: dense")
         return self

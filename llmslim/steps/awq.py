@@ -26,11 +26,17 @@ GPTQ) and ``mean|x|`` per input channel over all calibration tokens, then
    keeps the codes for packing; ``format: dense``: leaves the scaled, clipped
    full-precision weights.
 
-Per-layer rows: ``alpha`` (None: no scaling was best or possible),
-``relative_output_error`` (of the AWQ weights rounded to nearest, i.e. what
+With ``rounding: gptq`` step 2 scores every candidate by GPTQ's output error
+(:func:`llmslim.quant.awq.search_scales_with`, GPTQ with the ``gptq`` step's
+defaults on the scaled weights and Hessian), there is no step 3, and step 4
+packs the winner's GPTQ codes; a group that cannot be scaled is plain GPTQ.
+
+Per-layer rows: ``group`` (the linears sharing the scales), ``alpha`` (None: no scaling was best or possible),
+``relative_output_error`` (of the AWQ weights rounded as configured, i.e. what
 ``format: gptq`` packs) next to ``rtn_relative_output_error`` (plain RTN of
-the input weights), both on the calibration inputs, and ``clip_ratio`` (the
-mean chosen range ratio).
+the input weights; with ``rounding: gptq`` also ``gptq_relative_output_error``,
+plain GPTQ), all on the calibration inputs, and ``clip_ratio`` (the mean
+chosen range ratio).
 """
 
 from __future__ import annotations
@@ -45,18 +51,30 @@ from llmslim.calibration import PhaseTimes, sequential_calibrate
 from llmslim.errors import StepError
 from llmslim.families import ScaleFold, family_for, model_shape
 from llmslim.modeling import is_linear, linear_features, linear_weight, set_linear_weight
-from llmslim.quant import QuantizedWeight, QuantSpec, rtn_quantize_weight
-from llmslim.quant.awq import (fold_into_norm, fold_into_rows, scale_columns, scaled_hessian, search_clip,
-                               search_scales)
+from llmslim.quant import QuantizedWeight, QuantSpec, gptq_quantize_weight, rtn_quantize_weight
+from llmslim.quant.awq import (Rounder, fold_into_norm, fold_into_rows, scale_columns, scaled_hessian, search_clip,
+                               search_scales, search_scales_with)
 from llmslim.recipe.awq_config import AwqConfig, awq_model_problem, fold_plan
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.gptq import HessianStore, relative_output_error, with_kernels
-from llmslim.steps.quantized import bias_copy, install_if_packed
+from llmslim.recipe.steps import GptqConfig
+from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
 __all__ = ["apply_awq", "AwqCompressor"]
 
 NOT_IN_TABLE = ("no scale fold is described for this group in llmslim/families.py; it is quantized "
                 "without scales")
+
+
+def gptq_rounder(config: AwqConfig) -> Rounder:
+    """GPTQ with the ``gptq`` step's defaults at the step's bits, group size and grid symmetry."""
+    gptq = GptqConfig(bits=config.bits, group_size=config.group_size, sym=config.sym)
+    spec = spec_from_config(gptq)
+
+    def rounder(w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight:
+        return gptq_quantize_weight(w, h, spec, block_size=gptq.block_size, damp=gptq.damp,
+                                    act_order=gptq.act_order, static_groups=gptq.use_static_groups)[0]
+    return rounder
 
 
 class AwqCompressor:
@@ -73,6 +91,7 @@ class AwqCompressor:
         self.abs_sums: dict[str, torch.Tensor] = {}
         self.quantized: dict[str, QuantizedWeight] = {}
         self.unscaled: dict[str, str] = {}   # group (layer-relative names) -> why it was not scaled
+        self.rounder = gptq_rounder(config) if config.rounding == "gptq" else None
 
     def select(self, layer_index: int, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
         return linears
@@ -151,8 +170,8 @@ class AwqCompressor:
                 set_linear_weight(reader, scale_columns(linear_weight(reader), s))
 
     def _finish(self, name: str, module: nn.Module, local: str, w: torch.Tensor, s: torch.Tensor | None,
-                h: torch.Tensor) -> dict[str, Any]:
-        """Clip, round to nearest, write back; the row's errors."""
+                h: torch.Tensor, rounded: QuantizedWeight | None = None) -> dict[str, Any]:
+        """Clip, round (to nearest, or ``rounded``: the search's GPTQ codes), write back; the row's errors."""
         cfg, spec = self.config, self.spec
         scaled = w if s is None else scale_columns(w, s)
         ratio = None
@@ -160,7 +179,7 @@ class AwqCompressor:
             scaled, ratios = search_clip(scaled, h if s is None else scaled_hessian(h, s), spec, cfg.grid)
             ratio = float(ratios.mean())
         try:
-            qw = rtn_quantize_weight(scaled, spec)
+            qw = rounded if rounded is not None else rtn_quantize_weight(scaled, spec)
             rtn = rtn_quantize_weight(w, spec).dequantize().to(w.device)
         except ValueError as exc:
             raise StepError("awq", f"{name}: {exc}") from None
@@ -174,6 +193,24 @@ class AwqCompressor:
         return {"module": name, "relative_output_error": relative_output_error(w, effective, h),
                 "rtn_relative_output_error": relative_output_error(w, rtn, h), "clip_ratio": ratio}
 
+    def _search(self, weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Tensor):
+        if self.rounder is None:
+            return search_scales(weights, x_mean, h, self.spec, self.config.grid, self.config.duo_scaling)
+        try:
+            return search_scales_with(weights, x_mean, h, self.spec, self.rounder, self.config.grid,
+                                      self.config.duo_scaling)
+        except ValueError as exc:
+            raise StepError("awq", str(exc)) from None
+
+    def _plain(self, weights: list[torch.Tensor], h: torch.Tensor) -> list[QuantizedWeight | None]:
+        """The rounder's codes of unscaled weights (None per linear when rounding to nearest)."""
+        if self.rounder is None:
+            return [None] * len(weights)
+        try:
+            return [self.rounder(w, h) for w in weights]
+        except ValueError as exc:
+            raise StepError("awq", str(exc)) from None
+
     def compress_group(self, layer_index: int, layer_name: str, layer: nn.Module,
                        group: dict[str, nn.Module]) -> list[dict[str, Any]]:
         """Scale (folding the scales), clip and round one group of linears reading the same input."""
@@ -182,22 +219,28 @@ class AwqCompressor:
         h, x_mean = self._inputs(group)
         weights = {name: linear_weight(m).to(self.device, torch.float32, copy=True) for name, m in group.items()}
         fold, why = self._fold_for(tuple(local.values()))
-        target, first_row, s, alpha = None, 0, None, None
+        target, first_row, s, alpha, search = None, 0, None, None, None
         if not why:
             target, first_row, why = self._target(layer, fold, h.shape[0])
         if not why:
-            search = search_scales(list(weights.values()), x_mean, h, self.spec, self.config.grid,
-                                   self.config.duo_scaling)
+            search = self._search(list(weights.values()), x_mean, h)
             alpha = search.alpha
             if alpha is not None:
                 s = search.scales
                 self._fold(layer, layer_name, fold, target, first_row, s, set(local.values()))
         if why:
             self.unscaled["+".join(local.values())] = why
+        searched = search is not None and bool(search.rounded)
+        rounded = search.rounded if searched else self._plain(list(weights.values()), h)
+        plain = search.base_rounded if searched else rounded
+        extra = {"group": "+".join(local.values()), "alpha": alpha, **({"unscaled": why} if why else {})}
         rows = []
-        for name, module in group.items():
-            row = self._finish(name, module, local[name], weights[name], s, h)
-            rows.append({**row, "alpha": alpha, **({"unscaled": why} if why else {})})
+        for (name, module), qw, base in zip(group.items(), rounded, plain):
+            row = {**self._finish(name, module, local[name], weights[name], s, h, qw), **extra}
+            if base is not None:   # rounding gptq: plain GPTQ's error, for comparison
+                row["gptq_relative_output_error"] = relative_output_error(
+                    weights[name], base.dequantize().to(weights[name].device), h)
+            rows.append(row)
         seconds = round(time.perf_counter() - start_time, 4)
         return [{**row, "seconds": seconds} for row in rows]
 
@@ -224,6 +267,8 @@ def apply_awq(model, config: AwqConfig, ctx: StepContext) -> StepOutcome:
                "clip": config.clip, "scaled_modules": sum(r["alpha"] is not None for r in stats),
                "relative_output_error_mean": _mean(stats, "relative_output_error"),
                "rtn_relative_output_error_mean": _mean(stats, "rtn_relative_output_error"),
+               **({"rounding": "gptq", "gptq_relative_output_error_mean": _mean(stats, "gptq_relative_output_error")}
+                  if config.rounding == "gptq" else {}),
                "calibration_seconds": round(time.perf_counter() - start, 3), "phase_seconds": times.summary()}
     if compressor.unscaled:
         changed["unscaled"] = dict(compressor.unscaled)
