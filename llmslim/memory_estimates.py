@@ -25,7 +25,8 @@ both columns are the process's resident set.
 Times are rough: matmul FLOPs (forward passes) at one rate, the FLOPs of GPTQ/SparseGPT's per-linear
 solve (factorisations and the column loop, ``K³ + 4K²·hidden``) at a lower one, bytes at an assumed
 bandwidth, plus a per-call overhead (``RATES``). The CPU rates were fitted on one thread of an AMD
-EPYC in bfloat16 on the 0.5B-3B models of benchmarks/scale.py (more threads: expect less time);
+EPYC, in bfloat16 on the 0.5B-3B models of benchmarks/scale.py and in float32 on SmolLM2-135M
+(more threads: expect less time);
 the CUDA rates are guesses, not measured.
 """
 
@@ -43,10 +44,12 @@ TOKENIZE_PEAK_BYTES_PER_CHAR = 155  # host memory while the tokenizer encodes a 
 TOKENIZED_HELD_BYTES_PER_CHAR = 8   # what stays held afterwards (ids, fragmentation), per character
 RUNTIME_HOST_BYTES = 50_000_000     # host memory of running the model at all: kernels' scratch, thread pools,
 #                                     the generation utilities (measured 40-80 MB on CPU, whatever the model)
-# matmul FLOP/s, solve FLOP/s, bytes/s of memory and of disk, seconds per decoder-layer call: rough, for
-# the time column only (cpu: one thread, benchmarks/scale.py; cuda: not measured)
-RATES = {"cpu": {"flops": 1.3e11, "solve": 2.2e10, "memory": 1e10, "disk": 1e9, "call": 2e-3},
-         "cuda": {"flops": 5e13, "solve": 1e12, "memory": 1e12, "disk": 2e9, "call": 1e-4}}
+# matmul FLOP/s (16-bit and float32 weights), solve FLOP/s, bytes/s of memory and of disk, seconds per
+# decoder-layer call: rough, for the time column only (cpu: one thread; bf16 fitted on benchmarks/scale.py,
+# float32 on SmolLM2's gptq and awq rows, 3-4x too low with the bf16 rate; cuda: not measured)
+RATES = {"cpu": {"flops": 1.3e11, "flops_float32": 4e10, "solve": 2.2e10, "memory": 1e10, "disk": 1e9,
+                 "call": 2e-3},
+         "cuda": {"flops": 5e13, "flops_float32": 5e13, "solve": 1e12, "memory": 1e12, "disk": 2e9, "call": 1e-4}}
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,12 @@ def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, tuple[flo
         work = forward + _hessians(f, step.true_sequential) + _solve_workspace(f)
         packed = _packed(f, step.bits) if step.format == "gptq" else 0
         return work + _codes(f) + packed, work + layer_codes, acts, (2 * f.parameters * tokens * 3, _solve_flops(f))
+    if name == "awq":   # one scale search per group: grid candidates, each an output error (or a GPTQ solve)
+        work = forward + _hessians(f, True) + _solve_workspace(f)
+        candidates = step.grid + 1
+        search = candidates * 2 * f.widest_input * f.linear_parameters if step.rounding == "nearest" else 0.0
+        solve = candidates * _solve_flops(f) if step.rounding == "gptq" else 0.0
+        return work + _codes(f), work + layer_codes, acts, (2 * f.parameters * tokens * 2 + search, solve)
     if name == "rtn":
         work = 3 * f.largest_linear * 4
         return work + _codes(f), work + layer_codes, 0, (10 * f.linear_parameters, 0.0)
@@ -310,7 +319,9 @@ def phase_estimates(recipe, f: ModelFacts, *, on_cpu: bool, base_host: int, text
     """(phase, resident estimate, streamed estimate) for every phase of ``recipe``. ``text_chars``: the
     calibration and evaluation text, tokenized before the baseline; ``step_text_chars``: what each step
     tokenizes itself (a distill dataset)."""
-    rate = RATES["cpu" if on_cpu else "cuda"]
+    rate = dict(RATES["cpu" if on_cpu else "cuda"])
+    if f.dtype_bytes == 4:
+        rate["flops"] = rate["flops_float32"]
     held = base_host + TOKENIZED_HELD_BYTES_PER_CHAR * text_chars + RUNTIME_HOST_BYTES
     weights = f.weight_bytes
     load_s = weights / rate["disk"]
