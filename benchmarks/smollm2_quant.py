@@ -53,15 +53,18 @@ def quantize_row(folder, ctx, configs: list, eval_ids, base_ppl, tmp: Path, key:
     env = machine()
     with Timer() as timer:
         for config in configs:
-            run_step(model, config, ctx)
+            changed = run_step(model, config, ctx).changed
     value = ppl(model, eval_ids)
+    errors = {f"layer_{k}": changed[k] for k in ("relative_output_error_mean", "gptq_relative_output_error_mean")
+              if k in changed}   # awq: the mean per-linear output error, and plain GPTQ's on the same inputs
     last = configs[-1]
     names = [c.STEP_NAME for c in configs]
     keep = (names == ["gptq"] and (last.bits, last.group_size) == (4, 128)) or names[0] in KEPT
     size = saved_size(model, ctx.tokenizer, (KEEP if keep else tmp) / key)
     return {"method": f"llmslim {label}", "bits": last.bits, "group": last.group_size,
             "ppl": round(value, 3), "increase_%": round(100 * (value / base_ppl - 1), 2),
-            "size_MB": round(size / 1e6, 1), "quant_s": round(timer.seconds, 1), "eval_path": "llmslim", **env}
+            "size_MB": round(size / 1e6, 1), "quant_s": round(timer.seconds, 1), "eval_path": "llmslim", **errors,
+            **env}
 
 
 def method_configs(method: str, bits: int, group: int, args) -> list:
