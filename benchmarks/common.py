@@ -75,6 +75,22 @@ __all__ = ["shared_or_skip", "load_windows", "decode_speed", "saved_size", "Time
            "write_results", "perplexity", "load_model", "load_tokenizer", "torch"]
 
 
+def peer_main(description: str, default_windows: int):
+    """The command line of a side-by-side script (``--peer-python``, ``--eval-windows``) and its setup:
+    (args, model folder, tokenizer, test windows, step context with 128 calibration windows, the
+    original model's perplexity on those windows)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--peer-python", default="", help="python of a venv with gptqmodel and optimum")
+    parser.add_argument("--eval-windows", type=int, default=default_windows,
+                        help="test windows for every perplexity here (the peer runs fp16 on CPU, which is slow)")
+    args = parser.parse_args()
+    model_dir, tokenizer, windows, ctx = peer_setup(args.peer_python, 128, args.eval_windows)
+    base = perplexity(load_model(str(model_dir), "float32", "cpu"), windows, batch_size=8)
+    return args, model_dir, tokenizer, windows, ctx, base
+
+
 def peer_setup(peer_python: str, samples: int, eval_windows: int):
     """For a side-by-side with GPTQModel on the 9M model: (model folder, tokenizer, the first
     ``eval_windows`` test windows, a step context with ``samples`` calibration windows of 256 tokens);

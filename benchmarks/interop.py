@@ -18,13 +18,12 @@ Skips (exit 0) when ../shared or the peer interpreter is absent.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tempfile
 from pathlib import Path
 
-from common import Timer, load_model, markdown_table, peer_setup, perplexity, saved_size, torch, write_results
+from common import Timer, load_model, markdown_table, peer_main, perplexity, saved_size, torch, write_results
 
 from llmslim.recipe.steps import GptqConfig
 from llmslim.steps import run_step
@@ -37,13 +36,7 @@ def peer(python: str, *args: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peer-python", default="", help="python of a venv with gptqmodel and optimum")
-    parser.add_argument("--eval-windows", type=int, default=64,
-                        help="test windows for every perplexity here (the peer runs fp16 on CPU, which is slow)")
-    args = parser.parse_args()
-    model_dir, tokenizer, windows, ctx = peer_setup(args.peer_python, 128, args.eval_windows)
-    base = perplexity(load_model(str(model_dir), "float32", "cpu"), windows, batch_size=8)
+    args, model_dir, tokenizer, windows, ctx, base = peer_main(__doc__.splitlines()[0], 64)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

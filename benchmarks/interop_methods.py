@@ -15,13 +15,12 @@ Skips (exit 0) when ../shared or the peer interpreter is absent.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import tempfile
 from pathlib import Path
 
-from common import Timer, load_model, markdown_table, peer_setup, perplexity, saved_size, torch, write_results
+from common import Timer, load_model, markdown_table, peer_main, perplexity, saved_size, torch, write_results
 
 from llmslim.recipe.awq_config import AwqConfig
 from llmslim.recipe.signround_config import SignroundConfig
@@ -72,12 +71,7 @@ def method_row(name: str, model_dir: Path, tokenizer, ctx, windows, tmp: Path, p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peer-python", default="", help="python of a venv with gptqmodel and optimum")
-    parser.add_argument("--eval-windows", type=int, default=16)
-    args = parser.parse_args()
-    model_dir, tokenizer, windows, ctx = peer_setup(args.peer_python, 128, args.eval_windows)
-    base = perplexity(load_model(str(model_dir), "float32", "cpu"), windows, batch_size=8)
+    args, model_dir, tokenizer, windows, ctx, base = peer_main(__doc__.splitlines()[0], 16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
