@@ -306,3 +306,16 @@ def test_mismatched_quantizer_after_dense_awq_is_noted(workdir, models, recipe_w
     result = CliRunner().invoke(app, ["validate", str(recipe_writer(models("llama"), steps=steps))])
     assert result.exit_code == 0, result.output
     assert "the scales were searched for bits 3" in " ".join(result.output.split())
+
+
+def test_gptq_rounding_conflicts_are_reported_at_their_line(workdir, models, recipe_writer):
+    for options, words in (("clip: true", "clip applies to rounding nearest only"),
+                           ("format: dense", "format must be gptq")):
+        steps = f"  - awq: {{bits: 3, group_size: 32, rounding: gptq, {options}}}"
+        result = CliRunner().invoke(app, ["validate", str(recipe_writer(models("llama"), steps=steps))])
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert "steps[0].awq:" in text and words in text and "Traceback" not in text
+    ok = CliRunner().invoke(app, ["validate", str(recipe_writer(
+        models("llama"), steps="  - awq: {bits: 3, group_size: 32, rounding: gptq}"))])
+    assert ok.exit_code == 0, ok.output
