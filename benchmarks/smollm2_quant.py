@@ -162,21 +162,15 @@ def main() -> None:
                         help="calibration windows (fewer than 128: rows keyed and labelled with it)")
     args = parser.parse_args()
     folder, calib, eval_ids, ctx = tier_setup(args.calib_samples)
-    from llmslim.modeling import load_model
 
     tag = "" if args.calib_samples == CALIB_SAMPLES else f"-c{args.calib_samples}"
     calib_label = f"{args.calib_samples} x {CALIB_SEQLEN}"
     rows = Rows("quant", COLUMNS, args.fresh)
     for key in filter(None, (k.strip() for k in args.redo.split(","))):
         rows.drop(key)
-    base = rows.get("baseline")
-    if base is None:
-        env = machine()
-        value = ppl(load_model(str(folder), "float32", "cpu"), eval_ids)
-        base = rows.add({"key": "baseline", "method": "baseline (dequantized Q4_1, fp32)", "bits": 32, "group": "-",
-                         "ppl": round(value, 3), "increase_%": 0.0,
-                         "size_MB": round((folder / "model.safetensors").stat().st_size / 1e6, 1),
-                         "eval_path": "llmslim", **env})
+    base = rows.baseline("baseline", folder, eval_ids, method="baseline (dequantized Q4_1, fp32)", bits=32,
+                         group="-", size_MB=round((folder / "model.safetensors").stat().st_size / 1e6, 1),
+                         eval_path="llmslim")
     base_ppl = base["ppl"]
     with tempfile.TemporaryDirectory() as tmp:
         settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",") if s.strip()]

@@ -41,8 +41,8 @@ import torch
 
 from llmslim.quant.quantizer import QuantizedWeight, QuantSpec, dequantize, find_params, quantize, rtn_quantize_weight
 
-__all__ = ["MAX_SHRINK", "ScaleSearch", "Rounder", "output_error", "search_scales_with", "weight_channel_mean", "candidate_scales",
-           "search_scales", "search_clip", "clip_range", "fold_into_norm", "fold_into_rows", "scale_columns",
+__all__ = ["MAX_SHRINK", "ScaleSearch", "Rounder", "output_error", "weight_channel_mean", "candidate_scales",
+           "search_scales", "search_scales_with", "search_clip", "clip_range", "fold_into_norm", "fold_into_rows", "scale_columns",
            "scaled_hessian"]
 
 MAX_SHRINK = 0.5     # the clip search tries ranges above 1 - MAX_SHRINK of the full one (AutoAWQ's)
@@ -113,6 +113,22 @@ def _alphas(grid: int, duo: bool) -> list[float]:
     return [i / grid for i in range(grid) if i or duo]
 
 
+def _best_scales(k: int, device, x_mean: torch.Tensor, w_mean: torch.Tensor | None, grid: int, duo: bool,
+                 score: Callable[[torch.Tensor], tuple[float, list]]):
+    """The search loop shared by both scorers: ``s = 1`` first, then each ``α``; ``score(s)`` gives
+    ``(error, rounded)``. Returns ``(alpha, scales, error, rounded)`` of the best and ``(error, rounded)``
+    of ``s = 1``."""
+    ones = torch.ones(k, dtype=torch.float32, device=device)
+    base = score(ones)
+    best = (None, ones, *base)
+    for alpha in _alphas(grid, duo):
+        s = candidate_scales(x_mean.float(), w_mean, alpha)
+        err, rounded = score(s)
+        if err < best[2]:
+            best = (alpha, s, err, rounded)
+    return best, base
+
+
 def search_scales(weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Tensor, spec: QuantSpec,
                   grid: int = 20, duo: bool = True) -> ScaleSearch:
     """The per-input-channel scales of a group of linears sharing one input, scored by min-max
@@ -122,17 +138,10 @@ def search_scales(weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Te
     ``h [K, K]``: ``2XᵀX/n`` of the same inputs.
     """
     w = torch.cat([x.float() for x in weights])
-    ones = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
-    base = output_error(w, h, ones, spec)
-    best = (None, ones, base)
     w_mean = weight_channel_mean(w, spec) if duo else None
-    for alpha in _alphas(grid, duo):
-        s = candidate_scales(x_mean.float(), w_mean, alpha)
-        err = output_error(w, h, s, spec)
-        if err < best[2]:
-            best = (alpha, s, err)
-    return ScaleSearch(alpha=best[0], scales=best[1], error=best[2], base_error=base,
-                       reference=_trace(w, h))
+    (alpha, s, err, _), (base, _) = _best_scales(w.shape[1], w.device, x_mean, w_mean, grid, duo,
+                                                 lambda s: (output_error(w, h, s, spec), []))
+    return ScaleSearch(alpha=alpha, scales=s, error=err, base_error=base, reference=_trace(w, h))
 
 
 Rounder = Callable[[torch.Tensor, torch.Tensor], QuantizedWeight]
@@ -151,21 +160,15 @@ def search_scales_with(weights: list[torch.Tensor], x_mean: torch.Tensor, h: tor
                        rounder: Rounder, grid: int = 20, duo: bool = True) -> ScaleSearch:
     """:func:`search_scales` with every candidate scored by ``rounder`` applied to the scaled weights and
     the scaled Hessian; ``rounded`` holds the winner's rounding of each linear (in the scaled space), so
-    the caller packs it as it is (``base_rounded``: with ``s = 1``). ``s = 1`` is a candidate, so the error is never above the rounder's
-    own on the unscaled weights (``base_error``)."""
+    the caller packs it as it is (``base_rounded``: with ``s = 1``). ``s = 1`` is a candidate, so the
+    error is never above the rounder's own on the unscaled weights (``base_error``)."""
     weights = [w.float() for w in weights]
-    ones = torch.ones(weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
-    base, base_rounded = _rounded_error(weights, h, ones, rounder)
-    best = (None, ones, base, base_rounded)
     w_mean = weight_channel_mean(torch.cat(weights), spec) if duo else None
-    for alpha in _alphas(grid, duo):
-        s = candidate_scales(x_mean.float(), w_mean, alpha)
-        err, rounded = _rounded_error(weights, h, s, rounder)
-        if err < best[2]:
-            best = (alpha, s, err, rounded)
-    return ScaleSearch(alpha=best[0], scales=best[1], error=best[2], base_error=base,
-                       reference=sum(_trace(w, h) for w in weights), rounded=best[3],
-                       base_rounded=base_rounded)
+    (alpha, s, err, rounded), (base, base_rounded) = _best_scales(
+        weights[0].shape[1], weights[0].device, x_mean, w_mean, grid, duo,
+        lambda s: _rounded_error(weights, h, s, rounder))
+    return ScaleSearch(alpha=alpha, scales=s, error=err, base_error=base,
+                       reference=sum(_trace(w, h) for w in weights), rounded=rounded, base_rounded=base_rounded)
 
 
 def scaled_hessian(h: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -252,8 +252,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     if per_channel:
         s, z = find_params(W, spec, diag)
         scales[0], zeros[0] = s[:, 0], z[:, 0]
-    hdiag = diag                                                        # [K] in quantization order
-    # the caller's H is read, never copied whole more than once at a time (large inputs: 4 K² bytes each)
+    # diag is in quantization order from here; the caller's H is read, never copied whole more than
+    # once at a time (large inputs: 4 K² bytes each)
     Hinv, damp_used, retries = _inverse_cholesky(
         lambda: working_hessian(H, W.device, perm if act_order else None), damp)
     # the group of each column in quantization order: natural groups of the original
@@ -261,7 +261,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     col_group = torch.zeros_like(natural) if per_channel else (perm if static else natural) // gs   # [K]
     block = _effective_block(block_size, gs, k)
     codes, loss = _quantize_blocks(W, Hinv, spec, gs, block, scales, zeros, col_group.tolist(),
-                                   dynamic=hdiag if not static and not per_channel else None, pruned=pruned)
+                                   dynamic=diag if not static and not per_channel else None, pruned=pruned)
     g_idx = torch.empty_like(col_group)
     g_idx[perm] = col_group                                             # back to natural column order
     natural_codes = torch.empty_like(codes)

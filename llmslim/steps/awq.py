@@ -55,9 +55,9 @@ from llmslim.quant import QuantizedWeight, QuantSpec, gptq_quantize_weight, rtn_
 from llmslim.quant.awq import (Rounder, fold_into_norm, fold_into_rows, scale_columns, scaled_hessian, search_clip,
                                search_scales, search_scales_with)
 from llmslim.recipe.awq_config import AwqConfig, awq_model_problem, fold_plan
+from llmslim.recipe.steps import GptqConfig
 from llmslim.steps.base import StepContext, StepOutcome
 from llmslim.steps.gptq import HessianStore, relative_output_error, with_kernels
-from llmslim.recipe.steps import GptqConfig
 from llmslim.steps.quantized import bias_copy, install_if_packed, spec_from_config
 
 __all__ = ["apply_awq", "AwqCompressor"]
@@ -72,8 +72,11 @@ def gptq_rounder(config: AwqConfig) -> Rounder:
     spec = spec_from_config(gptq)
 
     def rounder(w: torch.Tensor, h: torch.Tensor) -> QuantizedWeight:
-        return gptq_quantize_weight(w, h, spec, block_size=gptq.block_size, damp=gptq.damp,
-                                    act_order=gptq.act_order, static_groups=gptq.use_static_groups)[0]
+        try:
+            return gptq_quantize_weight(w, h, spec, block_size=gptq.block_size, damp=gptq.damp,
+                                        act_order=gptq.act_order, static_groups=gptq.use_static_groups)[0]
+        except ValueError as exc:
+            raise StepError("awq", str(exc)) from None
     return rounder
 
 
@@ -196,20 +199,12 @@ class AwqCompressor:
     def _search(self, weights: list[torch.Tensor], x_mean: torch.Tensor, h: torch.Tensor):
         if self.rounder is None:
             return search_scales(weights, x_mean, h, self.spec, self.config.grid, self.config.duo_scaling)
-        try:
-            return search_scales_with(weights, x_mean, h, self.spec, self.rounder, self.config.grid,
-                                      self.config.duo_scaling)
-        except ValueError as exc:
-            raise StepError("awq", str(exc)) from None
+        return search_scales_with(weights, x_mean, h, self.spec, self.rounder, self.config.grid,
+                                  self.config.duo_scaling)
 
     def _plain(self, weights: list[torch.Tensor], h: torch.Tensor) -> list[QuantizedWeight | None]:
         """The rounder's codes of unscaled weights (None per linear when rounding to nearest)."""
-        if self.rounder is None:
-            return [None] * len(weights)
-        try:
-            return [self.rounder(w, h) for w in weights]
-        except ValueError as exc:
-            raise StepError("awq", str(exc)) from None
+        return [None if self.rounder is None else self.rounder(w, h) for w in weights]
 
     def compress_group(self, layer_index: int, layer_name: str, layer: nn.Module,
                        group: dict[str, nn.Module]) -> list[dict[str, Any]]:
