@@ -42,7 +42,7 @@ from llmslim.progress import Progress
 
 __all__ = ["LayerCompressor", "GroupCompressor", "LayerInputs", "CapturedInputs", "capture_layer_inputs",
            "sequential_calibrate", "layerwise", "LayerFn", "run_layer", "LayerSource", "ResidentLayers",
-           "linear_groups", "LayerObserver", "PhaseTimes"]
+           "linear_groups", "LayerObserver", "PhaseTimes", "compress_layer"]
 
 # Keyword arguments that carry a KV cache: calibration runs each layer alone, without one.
 CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -321,28 +321,38 @@ def sequential_calibrate(model, windows: torch.Tensor, compressor: LayerCompress
     prefix = layer_prefix(model, decoder_layers(model))
 
     def calibrate_layer(index: int, layer: nn.Module, inputs: LayerInputs) -> list[dict[str, Any]]:
-        stats: list[dict[str, Any]] = []
-        linears = compressor.select(index, find_linears(layer, ignore, f"{prefix}.{index}"))
-        local = {name.removeprefix(f"{prefix}.{index}."): name for name in linears}
-        groups = linear_groups(layer, {n: m for n, m in layer.named_modules() if n in local}, inputs) \
-            if true_sequential else [list(local)]
-        for group in groups:
-            members = {local[n]: linears[local[n]] for n in group}
-            with times.phase("group_passes"):
-                _calibrate_group(layer, inputs, members, compressor, times)
-            with times.phase("compress"):
-                whole_group = getattr(compressor, "compress_group", None)  # GroupCompressor (awq)
-                if whole_group is not None:
-                    stats += [{"layer": index, **row} for row in whole_group(index, f"{prefix}.{index}", layer,
-                                                                             members)]
-                    continue
-                for name, module in members.items():
-                    stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
-        return stats
+        return compress_layer(compressor, index, f"{prefix}.{index}", layer, inputs, ignore=ignore,
+                              true_sequential=true_sequential, times=times)
 
     return layerwise(model, windows, calibrate_layer, device=device, batch_size=batch_size, progress=progress,
                      label=label, on_layer=on_layer, times=times, layer_source=layer_source,
                      activations=activations)
+
+
+def compress_layer(compressor: LayerCompressor, index: int, layer_name: str, layer: nn.Module, inputs: LayerInputs,
+                   *, ignore: list[str], true_sequential: bool = True,
+                   times: PhaseTimes | None = None) -> list[dict[str, Any]]:
+    """Compress one decoder layer (``layer_name``: its path in the model) in place on its calibration
+    inputs: the compressor sees each group of linears' inputs (groups fed by one tensor, in execution
+    order, with ``true_sequential``; else all at once), then compresses the group. Its statistics rows."""
+    times = times if times is not None else PhaseTimes()
+    stats: list[dict[str, Any]] = []
+    linears = compressor.select(index, find_linears(layer, ignore, layer_name))
+    local = {name.removeprefix(f"{layer_name}."): name for name in linears}
+    groups = linear_groups(layer, {n: m for n, m in layer.named_modules() if n in local}, inputs) \
+        if true_sequential else [list(local)]
+    for group in groups:
+        members = {local[n]: linears[local[n]] for n in group}
+        with times.phase("group_passes"):
+            _calibrate_group(layer, inputs, members, compressor, times)
+        with times.phase("compress"):
+            whole_group = getattr(compressor, "compress_group", None)  # GroupCompressor (awq)
+            if whole_group is not None:
+                stats += [{"layer": index, **row} for row in whole_group(index, layer_name, layer, members)]
+                continue
+            for name, module in members.items():
+                stats.append({"layer": index, "module": name, **compressor.compress(index, name, module)})
+    return stats
 
 
 LayerFn = Callable[[int, nn.Module, LayerInputs], list[dict[str, Any]]]

@@ -241,6 +241,13 @@ def _step_working(f: ModelFacts, step, recipe) -> tuple[int, int, int, tuple[flo
         search = candidates * 2 * f.widest_input * f.linear_parameters if step.rounding == "nearest" else 0.0
         solve = candidates * _solve_flops(f) if step.rounding == "gptq" else 0.0
         return work + _codes(f), work + layer_codes, acts, (2 * f.parameters * tokens * 2 + search, solve)
+    if name == "signround":   # iters forward + backward passes of one batch per layer, on learned fp32 offsets
+        work = 3 * forward + 4 * f.layer_parameters * 4 + (
+            _hessians(f, True) + _solve_workspace(f) if step.start == "gptq" else 0)
+        copies = 2 if step.target == "layer" else 3   # the inputs, the targets (and the model's hidden states)
+        learn = 6 * f.parameters * step.iters * step.batch_size * (cal.seqlen if cal is not None else 0)
+        solve = _solve_flops(f) if step.start == "gptq" else 0.0
+        return work + _codes(f), work + layer_codes, acts * copies, (2 * f.parameters * tokens * 2 + learn, solve)
     if name == "rtn":
         work = 3 * f.largest_linear * 4
         return work + _codes(f), work + layer_codes, 0, (10 * f.linear_parameters, 0.0)

@@ -1,7 +1,8 @@
 """The signround step (learned rounding): its grid is the quantizer's, it
-starts at round-to-nearest and lowers every layer's output error from there,
-leaves no gradient state in the model, packs into GPTQ checkpoints that
-reload to the same numbers, and validates its options."""
+starts at round-to-nearest (or exactly at GPTQ's result) and lowers every
+layer's output error from there, against the full-precision layer or the
+full-precision model, leaves no gradient state in the model, packs into GPTQ
+checkpoints that reload to the same numbers, and validates its options."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from llmslim.errors import RecipeError
 from llmslim.modeling import find_linears, linear_weight, load_model, load_tokenizer, save_checkpoint
 from llmslim.progress import Progress
 from llmslim.quant import QuantSpec, rtn_quantize_weight
+from llmslim.quant.gptq import gptq_quantize_weight
 from llmslim.quant.qlinear import QuantLinear
 from llmslim.quant.quantizer import grid_from_range
 from llmslim.quant.signround import LearnedRounding, group_ranges, learned_grid
 from llmslim.recipe import load_recipe
-from llmslim.recipe.steps import RtnConfig, SignroundConfig
+from llmslim.recipe.steps import GptqConfig, RtnConfig, SignroundConfig
 from llmslim.steps import StepContext, run_step
 
 
@@ -95,6 +97,35 @@ def test_gradients_reach_offsets_and_clipping_and_zeros_stay_zero(sym):
     assert (rounding.quantized().dequantize()[w == 0] == 0).all()
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_start_from_gptq_reproduces_its_codes_and_moves_at_most_half_a_step(sym, group_size):
+    w = _weight()
+    x = torch.randn(256, w.shape[1], generator=torch.Generator().manual_seed(3))
+    h = x.t() @ x / 256
+    spec = QuantSpec(bits=3, group_size=group_size, sym=sym, scale_search="mse")
+    qw, stats = gptq_quantize_weight(w, h, spec, act_order=True, static_groups=True, keep_rounded=True)
+    # the weights GPTQ rounded are the ones its codes are the round-to-nearest of
+    s, z = qw.scales[qw.g_idx.long()].t(), qw.zeros[qw.g_idx.long()].t().float()
+    assert torch.equal(torch.clamp(torch.round(stats.rounded / s) + z, 0, spec.maxq).to(torch.uint8), qw.codes)
+    for rounded in (stats.rounded, None):   # anchored at the rounded weights, or at the codes themselves
+        rounding = LearnedRounding(w, spec, start=qw, rounded=rounded)
+        got = rounding.quantized()
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(got, field), getattr(qw, field)), field
+        torch.testing.assert_close(rounding.fake_weight().detach(), qw.dequantize(), rtol=0, atol=1e-6)
+        assert rounding.parameters() == [rounding.offsets]   # GPTQ's grid is kept
+        anchor = rounding.offsets.detach().clone()
+        for _ in range(40):   # the offsets never leave the start's +-0.5
+            rounding.sign_step([torch.randn_like(w)], 0.1)
+        assert (rounding.offsets - anchor).abs().max() <= 0.5 + 1e-6
+        rounding.reset()
+        assert torch.equal(rounding.quantized().codes, qw.codes)
+    dynamic, _ = gptq_quantize_weight(w, h, spec, act_order=True, static_groups=False)
+    with pytest.raises(ValueError, match="natural groups"):
+        LearnedRounding(w, spec, start=dynamic)
+
+
 # -- the step ---------------------------------------------------------------------------------------------------------
 
 def _logit_error(model, ref_logits, ids) -> float:
@@ -115,10 +146,10 @@ def test_learned_rounding_lowers_every_layers_error(model_factory, arch, sym):
     rows = outcome.layers
     assert [r["layer"] for r in rows] == list(range(len(rows))) and len(rows) >= 2
     for row in rows:   # the start is round-to-nearest; learned rounding must cut each layer's error clearly
-        assert 0 < row["relative_error"] < 0.9 * row["rtn_relative_error"], row
+        assert 0 < row["relative_error"] < 0.9 * row["start_relative_error"], row
         assert row["error_ratio"] < 0.8 and row["best_iter"] >= 0 and row["iters"] == 40
     ch = outcome.changed
-    assert ch["relative_error"] < ch["rtn_relative_error"] and ch["layers_kept_rtn"] == 0
+    assert ch["relative_error"] < ch["start_relative_error"] and ch["layers_kept_start"] == 0
     assert ch["modules_quantized"] == len(find_linears(model.get_submodule(_layers_path(arch)), ["lm_head"]))
     assert ch["lr"] == pytest.approx(1 / 40) and ch["format"] == "dense"
     # no gradient state left in the model
@@ -142,9 +173,43 @@ def test_one_iteration_keeps_round_to_nearest(model_factory):
     outcome = run_step(model, SignroundConfig(bits=3, group_size=32, iters=1, lr=0.5), ctx)
     run_step(rtn, RtnConfig(bits=3, group_size=32, format="dense"), ctx)
     assert all(r["best_iter"] == -1 and r["error_ratio"] == 1.0 for r in outcome.layers)
-    assert outcome.changed["layers_kept_rtn"] == len(outcome.layers)
+    assert outcome.changed["layers_kept_start"] == len(outcome.layers)
     for (name, a), b in zip(find_linears(model, ["lm_head"]).items(), find_linears(rtn, ["lm_head"]).values()):
         assert torch.equal(linear_weight(a), linear_weight(b)), name
+
+
+def test_gptq_start_is_exactly_the_gptq_step_and_learning_only_improves_it(model_factory):
+    path = model_factory("llama")
+    _, ctx = _context(path, samples=4)
+    gptq = load_model(str(path), "float32", "cpu")
+    run_step(gptq, GptqConfig(bits=3, group_size=32, format="dense"), ctx)
+    kept = load_model(str(path), "float32", "cpu")
+    outcome = run_step(kept, SignroundConfig(bits=3, group_size=32, iters=1, start="gptq"), ctx)
+    assert outcome.changed["layers_kept_start"] == len(outcome.layers) and outcome.changed["start"] == "gptq"
+    for (name, a), b in zip(find_linears(kept, ["lm_head"]).items(), find_linears(gptq, ["lm_head"]).values()):
+        torch.testing.assert_close(linear_weight(a), linear_weight(b), rtol=0, atol=1e-6, msg=name)
+    learned = load_model(str(path), "float32", "cpu")
+    rows = run_step(learned, SignroundConfig(bits=2, group_size=32, iters=30, batch_size=2, start="gptq"), ctx).layers
+    assert all(r["relative_error"] <= r["start_relative_error"] for r in rows)
+    assert any(r["relative_error"] < r["start_relative_error"] for r in rows)
+
+
+def test_model_target_is_the_full_precision_models_own_hidden_states(model_factory):
+    """With the start kept (one iteration), each layer's start error against ``target: model`` is the
+    distance between the quantized and the full-precision model's hidden states after that layer."""
+    path = model_factory("llama")
+    _, ctx = _context(path, samples=4)
+    original = load_model(str(path), "float32", "cpu")
+    model = load_model(str(path), "float32", "cpu")
+    rows = run_step(model, SignroundConfig(bits=3, group_size=32, iters=1, target="model", batch_size=4), ctx).layers
+    with torch.no_grad():
+        ref = original(ctx.calibration, output_hidden_states=True).hidden_states
+        got = model(ctx.calibration, output_hidden_states=True).hidden_states
+    for row in rows[:-1]:   # the last entry of hidden_states has the final norm applied
+        i = row["layer"] + 1
+        expected = float((got[i] - ref[i]).norm() / ref[i].norm())
+        assert row["start_relative_error"] == pytest.approx(expected, rel=1e-4), row
+    assert rows[-1]["start_relative_error"] > rows[0]["start_relative_error"]   # the error builds up
 
 
 def test_packed_checkpoint_round_trip(tmp_path, model_factory):
@@ -177,12 +242,14 @@ def test_packed_checkpoint_round_trip(tmp_path, model_factory):
 def test_options_are_validated():
     default = SignroundConfig()
     assert (default.format, default.iters, default.batch_size, default.step_size) == ("dense", 200, 8, 1 / 200)
+    assert (default.start, default.target) == ("nearest", "layer")
     assert default.ignore == ["lm_head"] and SignroundConfig(lr=0.01).step_size == 0.01
     assert SignroundConfig(bits=5).bits == 5      # dense takes any width from 2 to 8
     for bad, message in [({"bits": 5, "format": "gptq"}, "format gptq packs 2, 3, 4 or 8 bits"),
                          ({"group_size": 4}, "at least 8"), ({"iters": 0}, "greater than or equal to 1"),
                          ({"lr": 0}, "greater than 0"), ({"batch_size": 0}, "greater than or equal to 1"),
-                         ({"bits": 1}, "greater than or equal to 2"), ({"iter": 10}, "Extra inputs")]:
+                         ({"bits": 1}, "greater than or equal to 2"), ({"iter": 10}, "Extra inputs"),
+                         ({"start": "awq"}, "'nearest' or 'gptq'"), ({"target": "logits"}, "'layer' or 'model'")]:
         with pytest.raises(ValueError, match=message):
             SignroundConfig(**bad)
 
@@ -210,5 +277,5 @@ def test_step_through_the_cli(workdir, model_factory, recipe_writer):
     report = json.loads((workdir / "out" / "w4-rtn" / "report.json").read_text())
     assert report["result"]["size_bytes"] < report["baseline"]["size_bytes"]
     layers = report["steps"][0]["layers"]
-    assert len(layers) == 2 and all(r["relative_error"] <= r["rtn_relative_error"] for r in layers)
+    assert len(layers) == 2 and all(r["relative_error"] <= r["start_relative_error"] for r in layers)
     assert report["steps"][0]["changed"]["format"] == "gptq"

@@ -45,6 +45,8 @@ class GPTQStats:
     damp_retries: int     # Cholesky failures before it succeeded
     loss: float           # sum of the GPTQ proxy loss (w - q)² / (2 [H⁻¹]ᵢᵢ)
     dead_columns: int     # input columns with a zero Hessian diagonal (weights zeroed)
+    rounded: torch.Tensor | None = None   # keep_rounded: each weight as GPTQ's update left it just before
+                                          # it was rounded, [N, K] in natural column order
 
 
 def make_empty_hessian(K: int, device=None) -> torch.Tensor:
@@ -156,8 +158,8 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor, block_size: int, damp: float
 
 def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: int, block: int,
                      scales: torch.Tensor, zeros: torch.Tensor, col_group: list[int],
-                     dynamic: torch.Tensor | None,
-                     pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                     dynamic: torch.Tensor | None, pruned: torch.Tensor | None = None,
+                     rounded: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The lazy-batch GPTQ loop over the columns of ``W [N, K]`` (in place).
 
     ``col_group[j]`` is the row of ``scales``/``zeros`` (``[G, N]``) used by
@@ -165,7 +167,8 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
     those rows are filled here, from the current weights, when a group starts.
     ``pruned`` ``[N, K]`` (quantization order) marks weights that must stay exactly 0: they get
     the code of their zero point (which dequantizes to exactly 0, symmetric or not), are left out
-    of the group grids, and their error is spread like any other.
+    of the group grids, and their error is spread like any other. ``rounded`` ``[N, K]``, when
+    given, receives each column's weights just before they are rounded.
     Returns ``(codes [N, K] uint8, loss)``.
     """
     n, k = W.shape
@@ -190,6 +193,8 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
                 scales[j // gs], zeros[j // gs] = s[:, 0], z[:, 0]
             s, z = scales[col_group[j]], zeros[col_group[j]]            # [N]
             w, d = W1[:, i], Hinv1[i, i]
+            if rounded is not None:
+                rounded[:, j] = w
             q = quantize(w, s, z, spec.maxq)
             if pruned is not None:
                 q = torch.where(pruned[:, j], z, q)                     # code z: exactly 0
@@ -205,8 +210,8 @@ def _quantize_blocks(W: torch.Tensor, Hinv: torch.Tensor, spec: QuantSpec, gs: i
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, block_size: int = 128,
                          damp: float = 0.01, act_order: bool = False,
-                         static_groups: bool = False,
-                         pruned: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
+                         static_groups: bool = False, pruned: torch.Tensor | None = None,
+                         keep_rounded: bool = False) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``W [N, K]`` with GPTQ, given the Hessian ``H [K, K]`` of its inputs.
 
     * ``act_order`` quantizes columns by decreasing ``diag(H)``. Without
@@ -221,6 +226,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
       diagonal; it is raised automatically when the factorisation fails.
     * ``pruned`` (bool ``[N, K]``, e.g. a ``sparsify`` step's zeros) marks
       weights that stay exactly 0 after quantization; GPTQ does not fill them in.
+    * ``keep_rounded`` returns in the stats the weights GPTQ's updates led to, just before each was
+      rounded (``codes`` are their round-to-nearest on the grid): where learned rounding starts.
 
     ``W`` and ``H`` are not modified. Everything is computed in fp32 on ``W``'s device.
     """
@@ -260,13 +267,17 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, b
     # columns when static, consecutive runs of the (permuted) order when dynamic
     col_group = torch.zeros_like(natural) if per_channel else (perm if static else natural) // gs   # [K]
     block = _effective_block(block_size, gs, k)
+    rounded = torch.empty_like(W) if keep_rounded else None
     codes, loss = _quantize_blocks(W, Hinv, spec, gs, block, scales, zeros, col_group.tolist(),
-                                   dynamic=diag if not static and not per_channel else None, pruned=pruned)
+                                   dynamic=diag if not static and not per_channel else None, pruned=pruned,
+                                   rounded=rounded)
     g_idx = torch.empty_like(col_group)
     g_idx[perm] = col_group                                             # back to natural column order
     natural_codes = torch.empty_like(codes)
     natural_codes[:, perm] = codes
+    if rounded is not None:
+        rounded[:, perm] = rounded.clone()
     qw = QuantizedWeight(codes=natural_codes, scales=scales.contiguous(),
                          zeros=zeros.round().to(torch.int32), g_idx=g_idx.to(torch.int32), spec=spec)
     return qw, GPTQStats(damp_used=float(damp_used), damp_retries=retries, loss=loss,
-                         dead_columns=int(dead.sum().item()))
+                         dead_columns=int(dead.sum().item()), rounded=rounded)

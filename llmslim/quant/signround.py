@@ -10,6 +10,13 @@ Each linear ``W [N, K]`` of a decoder layer gets trainable
   the group's maximum and ``β`` on its minimum (asymmetric grids), or one
   ``α`` on ``max |w|`` (symmetric grids).
 
+Or, started from an existing quantization (``start``: e.g. GPTQ's codes and
+grid, natural groups), its grid is kept and only the offsets learn: they
+start where they reproduce its codes, at the values it rounded when given
+(``rounded``: for GPTQ, the weights its updates led to, so that the weights
+it nearly rounded the other way are the ones a small step flips), and move
+at most ``0.5`` either way from there.
+
 The grid is exactly that of :mod:`llmslim.quant.quantizer` (``find_params``
 with ``minmax``, the same symmetric/asymmetric conventions, ``zero >= 1``,
 ``[-1, 1]`` for an empty group, partial last groups): with ``V = 0`` and
@@ -24,7 +31,7 @@ calibration windows per iteration, with ``p -= lr_t * sign(grad)`` and a
 learning rate decaying linearly to 0; it keeps the parameters of the lowest
 loss seen (each batch's loss relative to its round-to-nearest loss, so that
 easy and hard batches compare) and never returns worse than round-to-nearest
-on the calibration data.
+on the calibration data (nor worse than the start it was given).
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from llmslim.quant.quantizer import QuantizedWeight, QuantSpec, grid_from_range
 __all__ = ["round_ste", "group_ranges", "learned_grid", "LearnedRounding", "RoundingStats", "optimise_layer",
            "OFFSET_BOUND", "CLIP_RANGE"]
 
-OFFSET_BOUND = 0.5         # V in [-OFFSET_BOUND, OFFSET_BOUND]
+OFFSET_BOUND = 0.5         # V in [-OFFSET_BOUND, OFFSET_BOUND] (around the start's offsets, given one)
 CLIP_RANGE = (0.5, 1.0)    # α, β in this range
 
 
@@ -83,7 +90,8 @@ class LearnedRounding:
     grids, ``min_scale`` (β), all at their round-to-nearest values initially."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, *, transposed: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, start: QuantizedWeight | None = None,
+                 rounded: torch.Tensor | None = None):
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
         w = weight.detach().float()
@@ -93,21 +101,47 @@ class LearnedRounding:
         self.transposed, self.dtype = transposed, dtype or weight.dtype
         gs, _ = spec.groups_for(w.shape[1])
         self.g_idx = torch.arange(w.shape[1], device=w.device) // gs
-        self.xmin, self.xmax = group_ranges(w, spec)
-        self.offsets = torch.zeros_like(w, requires_grad=True)
-        self.max_scale = torch.ones_like(self.xmax, requires_grad=True)
-        self.min_scale = None if spec.sym else torch.ones_like(self.xmin, requires_grad=True)
+        self.base: tuple[torch.Tensor, torch.Tensor] | None = None   # a start's (scales, zeros) [G, N]
+        self.anchor: torch.Tensor | None = None                       # the offsets reproducing its codes
+        if start is None:
+            self.xmin, self.xmax = group_ranges(w, spec)
+            self.offsets = torch.zeros_like(w, requires_grad=True)
+            self.max_scale = torch.ones_like(self.xmax, requires_grad=True)
+            self.min_scale = None if spec.sym else torch.ones_like(self.xmin, requires_grad=True)
+            return
+        self._check_start(start, rounded)
+        scale, zero = start.scales.to(w.device, torch.float32), start.zeros.to(w.device, torch.float32)
+        self.base = (scale, zero)
+        s, z = scale[self.g_idx].t(), zero[self.g_idx].t()
+        point = start.codes.to(w.device, torch.float32) - z if rounded is None else rounded.to(w.device) / s
+        self.anchor = point - w / s
+        self.offsets = self.anchor.clone().requires_grad_(True)
+        self.max_scale = self.min_scale = None
+
+    def _check_start(self, start: QuantizedWeight, rounded: torch.Tensor | None) -> None:
+        for what, shape in (("codes", start.codes.shape), ("rounded weights", None if rounded is None else
+                                                             rounded.shape)):
+            if shape is not None and tuple(shape) != tuple(self.weight.shape):
+                raise ValueError(f"the start's {what} have shape {tuple(shape)}, the weight {tuple(self.weight.shape)}")
+        if start.spec.bits != self.spec.bits or not torch.equal(start.g_idx.to(self.g_idx), self.g_idx):
+            raise ValueError("the start must use the same bits and natural groups of the same size "
+                             "(GPTQ: static groups or no act-order)")
 
     @classmethod
-    def for_module(cls, module: nn.Module, spec: QuantSpec) -> LearnedRounding:
-        """The rounding of a linear layer (``nn.Linear`` or GPT-2's transposed ``Conv1D``)."""
-        return cls(linear_weight(module), spec, transposed=is_conv1d(module), dtype=module.weight.dtype)
+    def for_module(cls, module: nn.Module, spec: QuantSpec, *, weight: torch.Tensor | None = None,
+                   start: QuantizedWeight | None = None, rounded: torch.Tensor | None = None) -> LearnedRounding:
+        """The rounding of a linear layer (``nn.Linear`` or GPT-2's transposed ``Conv1D``); ``weight``
+        (``[out, in]``, default the module's) when the module's own was already replaced by ``start``'s."""
+        return cls(linear_weight(module) if weight is None else weight, spec, transposed=is_conv1d(module),
+                   dtype=module.weight.dtype, start=start, rounded=rounded)
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for p in (self.offsets, self.max_scale, self.min_scale) if p is not None]
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scales, zeros)`` ``[G, N]``."""
+        if self.base is not None:
+            return self.base
         return learned_grid(self.xmin, self.xmax, self.max_scale, self.min_scale, self.spec.maxq, self.spec.sym)
 
     def fake_weight(self) -> torch.Tensor:
@@ -139,7 +173,10 @@ class LearnedRounding:
         for p, g in zip(self.parameters(), grads):
             if g is not None:
                 p.sub_(torch.sign(g), alpha=lr)
-        self.offsets.clamp_(-OFFSET_BOUND, OFFSET_BOUND)
+        if self.anchor is None:
+            self.offsets.clamp_(-OFFSET_BOUND, OFFSET_BOUND)
+        else:
+            self.offsets.copy_(torch.clamp(self.offsets, self.anchor - OFFSET_BOUND, self.anchor + OFFSET_BOUND))
         for p in self.parameters()[1:]:
             p.clamp_(*CLIP_RANGE)
 
@@ -153,8 +190,8 @@ class LearnedRounding:
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Back to round-to-nearest (V = 0, α = β = 1)."""
-        self.offsets.zero_()
+        """Back to the start: round-to-nearest (V = 0, α = β = 1), or the given start's codes and grid."""
+        self.offsets.copy_(self.anchor if self.anchor is not None else torch.zeros_like(self.offsets))
         for p in self.parameters()[1:]:
             p.fill_(1.0)
 
@@ -162,21 +199,22 @@ class LearnedRounding:
 @dataclass
 class RoundingStats:
     """One layer's optimisation: summed squared output errors over all calibration batches at
-    round-to-nearest (the start) and at the kept parameters, and the targets' summed squares."""
+    the start (round-to-nearest, or the given start) and at the kept parameters, and the targets'
+    summed squares."""
 
-    rtn_error: float
+    start_error: float
     error: float
     target_norm2: float
     iters: int
-    best_iter: int   # -1: the start (round-to-nearest) was kept
+    best_iter: int   # -1: the start was kept
     seconds: float
 
     def row(self) -> dict:
-        """For the report: relative output errors ``||Y_q - Y|| / ||Y||`` before and after."""
+        """For the report: relative output errors ``||Y_q - Y|| / ||Y||`` at the start and after."""
         def rel(e: float) -> float:
             return round((e / self.target_norm2) ** 0.5, 6) if self.target_norm2 > 0 else 0.0
-        return {"rtn_relative_error": rel(self.rtn_error), "relative_error": rel(self.error),
-                "error_ratio": round(self.error / self.rtn_error, 6) if self.rtn_error > 0 else 1.0,
+        return {"start_relative_error": rel(self.start_error), "relative_error": rel(self.error),
+                "error_ratio": round(self.error / self.start_error, 6) if self.start_error > 0 else 1.0,
                 "iters": self.iters, "best_iter": self.best_iter, "seconds": round(self.seconds, 3)}
 
 
@@ -226,7 +264,7 @@ def optimise_layer(layer: nn.Module, roundings: dict[str, LearnedRounding], inpu
                    targets: list[torch.Tensor], *, iters: int, lr: float, seed: int = 0) -> RoundingStats:
     """Learn the roundings of ``layer``'s linears so that its outputs on ``inputs`` approach ``targets``
     (one tensor per batch of ``inputs``). The layer's own parameters are not touched; the kept
-    parameters stay in ``roundings`` (round-to-nearest when nothing beat it)."""
+    parameters stay in ``roundings`` (their start when nothing beat it)."""
     if len(targets) != len(inputs.hidden) or not targets:
         raise ValueError(f"expected one target per input batch, got {len(targets)} for {len(inputs.hidden)}")
     start_time = time.perf_counter()
@@ -250,5 +288,5 @@ def optimise_layer(layer: nn.Module, roundings: dict[str, LearnedRounding], inpu
         for r in roundings.values():
             r.reset()
         final, best_iter = start, -1
-    return RoundingStats(rtn_error=float(start.sum()), error=float(final.sum()), target_norm2=norm2,
+    return RoundingStats(start_error=float(start.sum()), error=float(final.sum()), target_norm2=norm2,
                          iters=iters, best_iter=best_iter, seconds=time.perf_counter() - start_time)

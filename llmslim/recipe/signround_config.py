@@ -21,15 +21,21 @@ class SignroundConfig(StepConfig):
     """Learned rounding (SignRound, the method of AutoRound): for each decoder
     layer, every linear's rounding offsets (in [-0.5, 0.5]) and per-group
     clipping of its range (factors in [0.5, 1]) are optimised by signed
-    gradient descent on the layer's output error against the full-precision
-    layer, starting from round-to-nearest, through the layer-by-layer
-    calibration loop. The report gives each layer's relative output error
-    before (round-to-nearest) and after.
+    gradient descent on the layer's output error, through the layer-by-layer
+    calibration loop. The start is round-to-nearest, or with ``start: gptq``
+    the layer's GPTQ result (offsets then move 0.5 either way from GPTQ's
+    codes, and a factor in [0.5, 1.5] scales each of GPTQ's group scales).
+    The target is the full-precision layer on the inputs the quantized layer
+    gets (``target: layer``), or the full-precision model's own output of
+    that layer (``target: model``, AutoRound's reference, which lets a layer
+    make up for the error of those before it). The report gives each layer's
+    relative output error at the start and after.
 
     Sample YAML::
 
         steps:
-          - signround: {bits: 2, group_size: 128, sym: false, iters: 200, format: gptq}
+          - signround: {bits: 3, group_size: 128, sym: false, iters: 200, start: gptq, target: model,
+                        format: gptq}
     """
 
     STEP_NAME: ClassVar[str] = "signround"
@@ -44,6 +50,11 @@ class SignroundConfig(StepConfig):
     lr: float | None = Field(None, gt=0, le=1, description="initial step size, decaying linearly to 0 "
                              "(default 1/iters)")
     batch_size: int = Field(8, ge=1, le=MAX_COUNT, description="calibration windows per step")
+    start: Literal["nearest", "gptq"] = Field(
+        "nearest", description="where the rounding starts: round-to-nearest, or GPTQ (the gptq step's defaults)")
+    target: Literal["layer", "model"] = Field(
+        "layer", description="layer: the full-precision layer on the quantized model's inputs; model: the "
+        "full-precision model's own output of the layer")
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE),
                               description="module-name patterns (fnmatch) left in full precision")
     format: Literal["gptq", "dense"] = Field(

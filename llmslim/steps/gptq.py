@@ -75,13 +75,15 @@ class HessianStore:
 
 class GPTQCompressor:
     """Collects each linear's Hessian and quantizes it with GPTQ. With ``keep_zeros`` (a model
-    sparsified earlier) the exact zeros of every weight stay exactly 0."""
+    sparsified earlier) the exact zeros of every weight stay exactly 0; with ``keep_rounded``,
+    ``rounded`` keeps each linear's weights as GPTQ rounded them (learned rounding starts there)."""
 
-    def __init__(self, config, device: torch.device, keep_zeros: bool = False):
-        self.config, self.device, self.keep_zeros = config, device, keep_zeros
+    def __init__(self, config, device: torch.device, keep_zeros: bool = False, keep_rounded: bool = False):
+        self.config, self.device, self.keep_zeros, self.keep_rounded = config, device, keep_zeros, keep_rounded
         self.spec = spec_from_config(config)
         self.store = HessianStore("gptq", device)
         self.results: dict[str, tuple[Any, torch.Tensor | None]] = {}
+        self.rounded: dict[str, torch.Tensor] = {}
 
     @property
     def hessians(self) -> dict[str, tuple[torch.Tensor, int]]:
@@ -101,13 +103,16 @@ class GPTQCompressor:
         try:
             qw, stats = gptq_quantize_weight(w, h, self.spec, block_size=cfg.block_size, damp=cfg.damp,
                                              act_order=cfg.act_order, static_groups=cfg.use_static_groups,
-                                             pruned=(w == 0) if self.keep_zeros else None)
+                                             pruned=(w == 0) if self.keep_zeros else None,
+                                             keep_rounded=self.keep_rounded)
         except ValueError as exc:
             raise StepError("gptq", f"{name}: {exc}") from None
         seconds = time.perf_counter() - start
         deq = qw.dequantize().to(w.device)
         set_linear_weight(module, deq.to(module.weight.dtype))
         self.results[name] = (qw, bias_copy(module))
+        if stats.rounded is not None:
+            self.rounded[name] = stats.rounded
         return {"relative_output_error": relative_output_error(w, deq, h), "damp": stats.damp_used,
                 "damp_retries": stats.damp_retries, "dead_columns": stats.dead_columns, "seconds": seconds}
 
