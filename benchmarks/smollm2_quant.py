@@ -8,8 +8,11 @@ there are skipped):
    W3 g128, W2 g128 and W3 per-channel, with quantization wall time; with
    ``--methods``, also ``awq`` (packed, searched clipping), ``awq+gptq`` (AWQ's
    scales, no clipping, then GPTQ), ``awq-rgptq`` (one awq step with ``rounding:
-   gptq``: scales chosen by GPTQ's error) and ``signround`` (learned rounding,
-   packed); the awq and signround checkpoints are kept for the interop check;
+   gptq``: scales chosen by GPTQ's error), ``signround`` (learned rounding,
+   packed) and ``signround-gptq`` (learned rounding started from GPTQ,
+   ``--signround-target``, ``--signround-lr``); a setting ``BITS:GROUP:asym``
+   uses asymmetric grids; the awq and signround checkpoints are kept for the
+   interop check;
 2. with ``--peer-python`` (a venv with gptqmodel + optimum, see
    ``../shared/notes/peers-cpu.md``): GPTQModel at W4 g128 and W3 g128 on the
    same calibration windows, its wall time, its checkpoint evaluated through
@@ -18,6 +21,11 @@ there are skipped):
    (gptqmodel ``gptq_torch`` backend: 576 is not a multiple of 128, so the last
    group is partial) against llmslim's own loader, on ``--interop-windows``
    windows, and the same for every kept awq / signround checkpoint.
+
+3. with ``--kernels``: every kept checkpoint (and the W4 g128 gptq one) loaded by
+   llmslim in bfloat16, where 2-, 3- and 4-bit layers run through the CPU int4
+   kernel: which kernels ran, and perplexity on ``--interop-windows`` windows
+   against the exact fp32 path on the same windows.
 
 ``--redo KEY,...`` remeasures the named rows (e.g. a peer row, to have it
 measured in the same run as a new llmslim row).
@@ -67,21 +75,34 @@ def quantize_row(folder, ctx, configs: list, eval_ids, base_ppl, tmp: Path, key:
             **env}
 
 
-def method_configs(method: str, bits: int, group: int, args) -> list:
+def method_configs(method: str, bits: int, group: int, sym: bool, args) -> list:
     """The step configs of one part-1 method: rtn, gptq, awq (format gptq), awq+gptq (AWQ's scales without
     clipping, then GPTQ), awq-rgptq (rounding gptq, one pass), signround (packed;
-    ``--signround-iters``/``--signround-batch``)."""
+    ``--signround-iters``/``--signround-batch``), signround-gptq (started from GPTQ; also
+    ``--signround-target``/``--signround-lr``)."""
     from llmslim.recipe.awq_config import AwqConfig
     from llmslim.recipe.signround_config import SignroundConfig
     from llmslim.recipe.steps import GptqConfig, RtnConfig
 
-    common = {"bits": bits, "group_size": group}
+    common = {"bits": bits, "group_size": group, "sym": sym}
+    learned = dict(format="gptq", iters=args.signround_iters, batch_size=args.signround_batch)
     return {"rtn": lambda: [RtnConfig(**common)], "gptq": lambda: [GptqConfig(**common)],
             "awq": lambda: [AwqConfig(**common, format="gptq")],
             "awq+gptq": lambda: [AwqConfig(**common, clip=False), GptqConfig(**common)],
             "awq-rgptq": lambda: [AwqConfig(**common, rounding="gptq")],
-            "signround": lambda: [SignroundConfig(**common, format="gptq", iters=args.signround_iters,
-                                                  batch_size=args.signround_batch)]}[method]()
+            "signround": lambda: [SignroundConfig(**common, **learned)],
+            "signround-gptq": lambda: [SignroundConfig(**common, **learned, start="gptq", target=args.signround_target,
+                                                       lr=args.signround_lr)]}[method]()
+
+
+def method_key(method: str, bits: int, group: int, sym: bool, args) -> tuple[str, str]:
+    """(row key, calibration label suffix) of one part-1 row."""
+    suffix = f"-i{args.signround_iters}-b{args.signround_batch}" if method.startswith("signround") else ""
+    if method == "signround-gptq":
+        suffix += f"-{args.signround_target}" + (f"-lr{args.signround_lr:g}" if args.signround_lr else "")
+    grid = "" if sym else "-asym"
+    tag = args.tag if method != "rtn" else ""
+    return f"{method.replace('+', '-')}-w{bits}-g{group}{grid}{suffix}{tag}", suffix.replace("-", " ")
 
 
 def peer(python: str, *args) -> None:
@@ -128,6 +149,26 @@ def peer_rows(rows: Rows, folder, ctx, calib, eval_ids, base_ppl, args, tmp: Pat
             rows.add(interop_row(key, ckpt, label, bits, few, args, tmp))
 
 
+def kernel_rows(rows: Rows, eval_ids, args) -> None:
+    """Part 3: the kept checkpoints through llmslim's bf16 kernels against its exact fp32 path."""
+    from llmslim.modeling import load_model
+    from llmslim.quant.qlinear import QuantLinear
+
+    few = eval_ids[: args.interop_windows]
+    for ckpt in sorted(p for p in KEEP.iterdir() if (p / "config.json").is_file()):
+        key = f"kernels-{ckpt.name}"
+        if rows.get(key):
+            continue
+        bits = json.loads((ckpt / "config.json").read_text())["quantization_config"]["bits"]
+        exact = ppl(load_model(str(ckpt), "float32", "cpu"), few)
+        model = load_model(str(ckpt), "bfloat16", "cpu")
+        value = ppl(model, few)
+        kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantLinear)})
+        rows.add({"key": key, "method": f"kernels: llmslim {ckpt.name} in bf16", "bits": bits, "ppl": round(value, 3),
+                  "eval_path": f"llmslim bf16, kernels {kernels}, first {len(few)} windows; exact fp32 path on the "
+                               f"same windows: {exact:.3f}", **machine()})
+
+
 def interop_row(key: str, ckpt: Path, label: str, bits: int, few, args, tmp: Path) -> dict:
     """``ckpt`` loaded in stock transformers (gptqmodel's torch kernel) against llmslim's own loader."""
     from llmslim.modeling import load_model
@@ -152,11 +193,15 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="remeasure every row")
     parser.add_argument("--redo", default="", help="keys of rows to remeasure, comma-separated")
     parser.add_argument("--only-peer", action="store_true", help="skip part 1 (llmslim rows)")
+    parser.add_argument("--kernels", action="store_true", help="part 3: the kept checkpoints through the bf16 kernels")
     parser.add_argument("--methods", default="rtn,gptq",
                         help="part 1 methods, comma-separated: rtn, gptq, awq, awq+gptq, awq-rgptq, signround")
     parser.add_argument("--signround-iters", type=int, default=200)
     parser.add_argument("--signround-batch", type=int, default=8)
-    parser.add_argument("--settings", default="4:128,3:128,2:128,3:-1", help="part 1 BITS:GROUP, comma-separated")
+    parser.add_argument("--signround-target", default="layer", choices=["layer", "model"])
+    parser.add_argument("--signround-lr", type=float, default=None, help="default 1/iters")
+    parser.add_argument("--settings", default="4:128,3:128,2:128,3:-1",
+                        help="part 1 BITS:GROUP[:asym], comma-separated")
     parser.add_argument("--peer-bits", default="4,3", help="GPTQModel bit widths (g128), comma-separated")
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES,
                         help="calibration windows (fewer than 128: rows keyed and labelled with it)")
@@ -173,22 +218,26 @@ def main() -> None:
                          eval_path="llmslim")
     base_ppl = base["ppl"]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",") if s.strip()]
-        for bits, group in [] if args.only_peer else settings:
+        settings = [s.strip().split(":") for s in args.settings.split(",") if s.strip()]
+        args.tag = tag
+        for bits, group, *grid in [] if args.only_peer else settings:
+            bits, group, sym = int(bits), int(group), grid != ["asym"]
             for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-                configs = method_configs(method, bits, group, args)
-                suffix = f"-i{args.signround_iters}-b{args.signround_batch}" if method == "signround" else ""
-                key = f"{method.replace('+', '-')}-w{bits}-g{group}" + suffix + (tag if method != "rtn" else "")
+                configs = method_configs(method, bits, group, sym, args)
+                key, suffix = method_key(method, bits, group, sym, args)
                 if not rows.get(key):
-                    label = "awq rounding=gptq" if method == "awq-rgptq" else method
+                    label = ("awq rounding=gptq" if method == "awq-rgptq" else
+                             "signround start=gptq" if method == "signround-gptq" else method)
+                    label += "" if sym else " (asym)"
                     row = quantize_row(folder, ctx, configs, eval_ids, base_ppl, Path(tmp), key, label)
                     label = "-" if method == "rtn" else calib_label
-                    rows.add({"key": key, **row, "calibration": label + suffix.replace("-", " ")})
+                    rows.add({"key": key, **row, "calibration": label + suffix})
         if args.peer_python and Path(args.peer_python).exists():
-            args.tag = tag
             peer_rows(rows, folder, ctx, calib, eval_ids, base_ppl, args, Path(tmp))
         else:
             print("no --peer-python with gptqmodel: GPTQModel rows and the interop check skipped")
+    if args.kernels:
+        kernel_rows(rows, eval_ids, args)
     rows.save(f"{BASELINE_NOTE}. llmslim rows: default options (GPTQ act_order + static groups + mse scale "
               "search, damp 0.01; RTN minmax), packed GPTQ format, evaluated on the exact fp32 dequant path.")
 

@@ -35,8 +35,10 @@ CASES = [  # bits, group_size, sym, act_order, expected kernel on CPU for bf16 a
     (8, -1, True, False, "int8pack"),
     (8, -1, False, False, "int8pack"),
     (8, 128, True, False, "dequant"),
-    (3, 128, True, False, "dequant"),
-    (2, 64, False, False, "dequant"),
+    (3, 128, True, False, "int4pack"),     # 2- and 3-bit codes run as 4-bit codes of a smaller range
+    (3, 64, False, True, "int4pack"),
+    (2, 64, False, False, "int4pack"),
+    (2, -1, True, False, "int4pack"),
 ]
 
 

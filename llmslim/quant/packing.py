@@ -42,11 +42,11 @@ import math
 import torch
 
 from llmslim.quant.quantizer import QuantizedWeight, QuantSpec
+from llmslim.widths import PACKABLE_BITS
 
 __all__ = ["PACKABLE_BITS", "packed_length", "pack_rows", "unpack_rows", "pack_cols", "unpack_cols",
            "to_gptq_tensors", "from_gptq_tensors"]
 
-PACKABLE_BITS = (2, 3, 4, 8)
 _WORD = 0xFFFFFFFF
 
 

@@ -11,8 +11,11 @@ Forward paths, chosen per layer and per activation dtype (``QuantLinear.kernel``
 says which one ran last):
 
 ``"int4pack"`` / ``"int4pack+pad"``
-    4-bit with **bfloat16 activations** on CPU through aten's tinygemm kernels
-    (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``).
+    2-, 3- and 4-bit with **bfloat16 activations** on CPU through aten's tinygemm
+    kernels (``_convert_weight_to_int4pack_for_cpu`` / ``_weight_int4pack_mm_for_cpu``);
+    2- and 3-bit codes (0..3, 0..7) are shifted per group by ``8 - z`` into
+    0..15, so that their zero point is 8 and the float offset below is
+    exactly 0 (a large offset in bfloat16 would cancel against the codes).
     Their conventions, found by experiment on torch 2.13:
 
     * the weight is an int32 ``[N, K]`` matrix of codes 0..15 (``innerKTiles``
@@ -45,8 +48,8 @@ says which one ran last):
     are shifted by 128; an asymmetric zero point adds ``Σx · scale · (128 - z)``.
 
 ``"dequant"``
-    Everything else (2/3-bit, other group layouts, fp32/fp16 activations for
-    4-bit, CUDA): the weight is dequantized on the fly in the activation dtype
+    Everything else (other group layouts, fp32/fp16 activations for 2- to 4-bit,
+    CUDA): the weight is dequantized on the fly in the activation dtype
     for each forward.
 
 The packed kernel weights are prepared on first use and kept in a plain
@@ -59,8 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmslim.quant.packing import PACKABLE_BITS, packed_length, to_gptq_tensors, unpack_cols, unpack_rows
+from llmslim.quant.packing import packed_length, to_gptq_tensors, unpack_cols, unpack_rows
 from llmslim.quant.quantizer import QuantizedWeight
+from llmslim.widths import INT4_KERNEL_BITS, PACKABLE_BITS
 
 __all__ = ["QuantLinear", "KERNEL_INT4", "KERNEL_INT4_PADDED", "KERNEL_INT8", "KERNEL_DEQUANT", "int4_geometry"]
 
@@ -223,7 +227,7 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu" or gs is None:
             return KERNEL_DEQUANT
         groups = self.scales.shape[0]
-        if self.bits == 4 and dtype == INT4_ACTIVATIONS:
+        if self.bits in INT4_KERNEL_BITS and dtype == INT4_ACTIVATIONS:
             geometry = int4_geometry(self.in_features, self.out_features, gs, groups)
             if geometry is not None:
                 _, k_pad, n_pad = geometry
@@ -262,6 +266,9 @@ class QuantLinear(nn.Module):
         if perm is not None:
             codes = codes[perm]
         if kernel in (KERNEL_INT4, KERNEL_INT4_PADDED):
+            if self.bits < 4:   # centre each group's codes on 8 (0..3 or 0..7 shifted by 8 - z stay in 0..15):
+                g = self.g_idx.long() if perm is None else self.g_idx.long()[perm]   # the float offsets below
+                codes, zeros = codes + (8 - zeros)[g], torch.full_like(zeros, 8)    # are then exactly 0
             k, n = codes.shape
             kernel_gs, k_pad, n_pad = int4_geometry(k, n, gs, scales.shape[0])
             codes = F.pad(codes, (0, n_pad - n, 0, k_pad - k))           # zero codes: x is zero there

@@ -14,12 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llmslim.recipe.distill_config import LOSS_KINDS, DistillConfig
 from llmslim.recipe.limits import MAX_COUNT, MAX_SEQLEN
 from llmslim.recipe.step_base import StepConfig
+from llmslim.widths import PACKABLE_BITS
 
 __all__ = ["step_inputs", "StepConfig", "RtnConfig", "GptqConfig", "PruneConfig", "KeepCount", "DistillConfig",
            "SparsifyConfig", "SignroundConfig", "AwqConfig", "STEP_CONFIGS", "LOSS_KINDS"]
 
 DEFAULT_IGNORE = ["lm_head"]
-PACKABLE_BITS = (2, 3, 4, 8)
 
 
 def _check_group_size(value: int) -> int:
