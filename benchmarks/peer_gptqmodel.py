@@ -52,12 +52,14 @@ def load(ckpt: str, windows_path: str, out: str, backend: str = "") -> None:
     json.dump({"kernels": kernels, "perplexity": ppl(model, windows)}, open(out, "w"))
 
 
-def quantize(model_dir: str, calib_path: str, windows_path: str, bits: str, group: str, out: str) -> None:
+def quantize(model_dir: str, calib_path: str, windows_path: str, bits: str, group: str, out: str,
+             grid: str = "sym") -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     calib = torch.load(calib_path)
     dataset = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
-    config = QuantizeConfig(bits=int(bits), group_size=int(group), sym=True, desc_act=False, device="cpu")
+    config = QuantizeConfig(bits=int(bits), group_size=int(group), sym=grid == "sym", desc_act=False,
+                             device="cpu")
     model = GPTQModel.load(model_dir, config)  # QuantizeConfig.device picks the CPU
     start = time.perf_counter()
     model.quantize(dataset, batch_size=8)

@@ -119,17 +119,21 @@ def peer_rows(rows: Rows, folder, ctx, calib, eval_ids, base_ppl, args, tmp: Pat
 
     torch.save(calib, tmp / "calib.pt")
     torch.save(eval_ids[:0], tmp / "none.pt")  # GPTQModel's own (fp16) evaluation is skipped: too slow here
-    for bits in [int(b) for b in args.peer_bits.split(",") if b.strip()]:
-        key = f"gptqmodel-w{bits}-g128" + args.tag
+    for setting in [b.strip() for b in args.peer_bits.split(",") if b.strip()]:
+        bits, *grid = setting.split(":")
+        bits, grid = int(bits), "asym" if grid == ["asym"] else "sym"
+        key = f"gptqmodel-w{bits}-g128" + ("-asym" if grid == "asym" else "") + args.tag
         if rows.get(key):
             continue
         env = machine()
-        peer(args.peer_python, "quantize", folder, tmp / "calib.pt", tmp / "none.pt", bits, 128, tmp / f"{key}.json")
+        peer(args.peer_python, "quantize", folder, tmp / "calib.pt", tmp / "none.pt", bits, 128, tmp / f"{key}.json",
+             grid)
         theirs = json.loads((tmp / f"{key}.json").read_text())
         ckpt = tmp / f"{key}.json.ckpt"
         value = ppl(load_model(str(ckpt), "float32", "cpu"), eval_ids)
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-        rows.add({"key": key, "method": "GPTQModel 7.7.0 gptq", "bits": bits, "group": 128, "ppl": round(value, 3),
+        label = "GPTQModel 7.7.0 gptq" + (" (asym)" if grid == "asym" else "")
+        rows.add({"key": key, "method": label, "bits": bits, "group": 128, "ppl": round(value, 3),
                   "increase_%": round(100 * (value / base_ppl - 1), 2), "size_MB": round(size / 1e6, 1),
                   "quant_s": round(theirs["quantize_seconds"], 1), "eval_path": "llmslim (its checkpoint)",
                   "calibration": f"{calib.shape[0]} x {calib.shape[1]}", **env})
@@ -202,7 +206,8 @@ def main() -> None:
     parser.add_argument("--signround-lr", type=float, default=None, help="default 1/iters")
     parser.add_argument("--settings", default="4:128,3:128,2:128,3:-1",
                         help="part 1 BITS:GROUP[:asym], comma-separated")
-    parser.add_argument("--peer-bits", default="4,3", help="GPTQModel bit widths (g128), comma-separated")
+    parser.add_argument("--peer-bits", default="4,3",
+                        help="GPTQModel bit widths (g128), comma-separated, each BITS[:asym]")
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES,
                         help="calibration windows (fewer than 128: rows keyed and labelled with it)")
     args = parser.parse_args()
