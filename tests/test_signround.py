@@ -254,12 +254,14 @@ def test_options_are_validated():
             SignroundConfig(**bad)
 
 
-def test_shipped_recipe_validates():
+def test_shipped_recipes_validate():
     from pathlib import Path
 
-    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "signround-w2.yaml")
-    (step,) = recipe.steps
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    (step,) = load_recipe(recipes / "signround-w2.yaml").steps
     assert isinstance(step, SignroundConfig) and step.bits == 2 and step.group_size == 128
+    (step,) = load_recipe(recipes / "signround-gptq-w3.yaml").steps
+    assert (step.bits, step.sym, step.start, step.target, step.format) == (3, False, "gptq", "model", "gptq")
 
 
 def test_step_through_the_cli(workdir, model_factory, recipe_writer):
