@@ -243,7 +243,7 @@ def main() -> None:
             print("no --peer-python with gptqmodel: GPTQModel rows and the interop check skipped")
     if args.kernels:
         kernel_rows(rows, eval_ids, args)
-    rows.save(f"{BASELINE_NOTE}. llmslim rows: default options (GPTQ act_order + static groups + mse scale "
+    rows.save(f"{BASELINE_NOTE}. llmslim rows: default options unless the method says otherwise (GPTQ act_order + static groups + mse scale "
               "search, damp 0.01; RTN minmax), packed GPTQ format, evaluated on the exact fp32 dequant path.")
 
 
