@@ -95,6 +95,13 @@ def method_configs(method: str, bits: int, group: int, sym: bool, args) -> list:
                                                        lr=args.signround_lr)]}[method]()
 
 
+def split_grid(setting: str) -> tuple[list[int], bool]:
+    """``"3:128:asym"`` -> ``([3, 128], False)``: the numbers of a setting, and whether its grid is symmetric."""
+    parts = setting.strip().split(":")
+    sym = parts[-1] != "asym"
+    return [int(p) for p in (parts if sym else parts[:-1])], sym
+
+
 def method_key(method: str, bits: int, group: int, sym: bool, args) -> tuple[str, str]:
     """(row key, calibration label suffix) of one part-1 row."""
     suffix = f"-i{args.signround_iters}-b{args.signround_batch}" if method.startswith("signround") else ""
@@ -119,20 +126,19 @@ def peer_rows(rows: Rows, folder, ctx, calib, eval_ids, base_ppl, args, tmp: Pat
 
     torch.save(calib, tmp / "calib.pt")
     torch.save(eval_ids[:0], tmp / "none.pt")  # GPTQModel's own (fp16) evaluation is skipped: too slow here
-    for setting in [b.strip() for b in args.peer_bits.split(",") if b.strip()]:
-        bits, *grid = setting.split(":")
-        bits, grid = int(bits), "asym" if grid == ["asym"] else "sym"
-        key = f"gptqmodel-w{bits}-g128" + ("-asym" if grid == "asym" else "") + args.tag
+    for setting in [b for b in args.peer_bits.split(",") if b.strip()]:
+        (bits,), sym = split_grid(setting)
+        key = f"gptqmodel-w{bits}-g128" + ("" if sym else "-asym") + args.tag
         if rows.get(key):
             continue
         env = machine()
         peer(args.peer_python, "quantize", folder, tmp / "calib.pt", tmp / "none.pt", bits, 128, tmp / f"{key}.json",
-             grid)
+             "sym" if sym else "asym")
         theirs = json.loads((tmp / f"{key}.json").read_text())
         ckpt = tmp / f"{key}.json.ckpt"
         value = ppl(load_model(str(ckpt), "float32", "cpu"), eval_ids)
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-        label = "GPTQModel 7.7.0 gptq" + (" (asym)" if grid == "asym" else "")
+        label = "GPTQModel 7.7.0 gptq" + ("" if sym else " (asym)")
         rows.add({"key": key, "method": label, "bits": bits, "group": 128, "ppl": round(value, 3),
                   "increase_%": round(100 * (value / base_ppl - 1), 2), "size_MB": round(size / 1e6, 1),
                   "quant_s": round(theirs["quantize_seconds"], 1), "eval_path": "llmslim (its checkpoint)",
@@ -199,7 +205,8 @@ def main() -> None:
     parser.add_argument("--only-peer", action="store_true", help="skip part 1 (llmslim rows)")
     parser.add_argument("--kernels", action="store_true", help="part 3: the kept checkpoints through the bf16 kernels")
     parser.add_argument("--methods", default="rtn,gptq",
-                        help="part 1 methods, comma-separated: rtn, gptq, awq, awq+gptq, awq-rgptq, signround")
+                        help="part 1 methods, comma-separated: rtn, gptq, awq, awq+gptq, awq-rgptq, signround, "
+                             "signround-gptq")
     parser.add_argument("--signround-iters", type=int, default=200)
     parser.add_argument("--signround-batch", type=int, default=8)
     parser.add_argument("--signround-target", default="layer", choices=["layer", "model"])
@@ -223,10 +230,9 @@ def main() -> None:
                          eval_path="llmslim")
     base_ppl = base["ppl"]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [s.strip().split(":") for s in args.settings.split(",") if s.strip()]
+        settings = [split_grid(s) for s in args.settings.split(",") if s.strip()]
         args.tag = tag
-        for bits, group, *grid in [] if args.only_peer else settings:
-            bits, group, sym = int(bits), int(group), grid != ["asym"]
+        for (bits, group), sym in [] if args.only_peer else settings:
             for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
                 configs = method_configs(method, bits, group, sym, args)
                 key, suffix = method_key(method, bits, group, sym, args)
@@ -243,8 +249,9 @@ def main() -> None:
             print("no --peer-python with gptqmodel: GPTQModel rows and the interop check skipped")
     if args.kernels:
         kernel_rows(rows, eval_ids, args)
-    rows.save(f"{BASELINE_NOTE}. llmslim rows: default options unless the method says otherwise (GPTQ act_order + static groups + mse scale "
-              "search, damp 0.01; RTN minmax), packed GPTQ format, evaluated on the exact fp32 dequant path.")
+    rows.save(f"{BASELINE_NOTE}. llmslim rows: default options unless the method says otherwise (GPTQ act_order "
+              "+ static groups + mse scale search, damp 0.01; RTN minmax), packed GPTQ format, evaluated on the "
+              "exact fp32 dequant path.")
 
 
 if __name__ == "__main__":

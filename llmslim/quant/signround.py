@@ -52,7 +52,7 @@ from llmslim.quant.quantizer import QuantizedWeight, QuantSpec, grid_from_range
 __all__ = ["round_ste", "group_ranges", "learned_grid", "LearnedRounding", "RoundingStats", "optimise_layer",
            "OFFSET_BOUND", "CLIP_RANGE"]
 
-OFFSET_BOUND = 0.5         # V in [-OFFSET_BOUND, OFFSET_BOUND] (around the start's offsets, given one)
+OFFSET_BOUND = 0.5         # V in [-OFFSET_BOUND, OFFSET_BOUND] (added to a given start's unrounded weights)
 CLIP_RANGE = (0.5, 1.0)    # α, β in this range
 
 
@@ -87,7 +87,8 @@ def learned_grid(xmin: torch.Tensor, xmax: torch.Tensor, alpha: torch.Tensor, be
 
 class LearnedRounding:
     """The trainable rounding of one linear: ``offsets`` (V), ``max_scale`` (α) and, for asymmetric
-    grids, ``min_scale`` (β), all at their round-to-nearest values initially."""
+    grids, ``min_scale`` (β), all at their round-to-nearest values initially; from a ``start``, only
+    the offsets, added to its weights before rounding (``rounded``, else its codes)."""
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, *, transposed: bool = False,
                  dtype: torch.dtype | None = None, start: QuantizedWeight | None = None,
@@ -101,21 +102,19 @@ class LearnedRounding:
         self.transposed, self.dtype = transposed, dtype or weight.dtype
         gs, _ = spec.groups_for(w.shape[1])
         self.g_idx = torch.arange(w.shape[1], device=w.device) // gs
+        self.offsets = torch.zeros_like(w, requires_grad=True)
         self.base: tuple[torch.Tensor, torch.Tensor] | None = None   # a start's (scales, zeros) [G, N]
-        self.anchor: torch.Tensor | None = None                       # the offsets reproducing its codes
+        self.point: torch.Tensor | None = None   # a start's weights in steps of its grid, before rounding
         if start is None:
             self.xmin, self.xmax = group_ranges(w, spec)
-            self.offsets = torch.zeros_like(w, requires_grad=True)
             self.max_scale = torch.ones_like(self.xmax, requires_grad=True)
             self.min_scale = None if spec.sym else torch.ones_like(self.xmin, requires_grad=True)
             return
         self._check_start(start, rounded)
         scale, zero = start.scales.to(w.device, torch.float32), start.zeros.to(w.device, torch.float32)
         self.base = (scale, zero)
-        s, z = scale[self.g_idx].t(), zero[self.g_idx].t()
-        point = start.codes.to(w.device, torch.float32) - z if rounded is None else rounded.to(w.device) / s
-        self.anchor = point - w / s
-        self.offsets = self.anchor.clone().requires_grad_(True)
+        self.point = (start.codes.to(w.device, torch.float32) - zero[self.g_idx].t() if rounded is None
+                      else rounded.to(w.device, torch.float32) / scale[self.g_idx].t())
         self.max_scale = self.min_scale = None
 
     def _check_start(self, start: QuantizedWeight, rounded: torch.Tensor | None) -> None:
@@ -144,11 +143,15 @@ class LearnedRounding:
             return self.base
         return learned_grid(self.xmin, self.xmax, self.max_scale, self.min_scale, self.spec.maxq, self.spec.sym)
 
+    def _unrounded(self, s: torch.Tensor) -> torch.Tensor:
+        """The weights in steps of the grid ``s`` (``[N, K]``), plus the offsets, before rounding."""
+        return (self.weight / s if self.point is None else self.point) + self.offsets
+
     def fake_weight(self) -> torch.Tensor:
         """The quantize-dequantized weight ``[N, K]`` (float32), differentiable in V, α and β."""
         scale, zero = self.grid()
         s, z = scale[self.g_idx].t(), zero[self.g_idx].t()
-        codes = torch.clamp(round_ste(self.weight / s + self.offsets) + z, 0, self.spec.maxq)
+        codes = torch.clamp(round_ste(self._unrounded(s)) + z, 0, self.spec.maxq)
         return s * (codes - z)
 
     def module_weight(self) -> torch.Tensor:
@@ -161,7 +164,7 @@ class LearnedRounding:
         """The codes and grid of the current parameters, in the quantizer's conventions."""
         scale, zero = self.grid()
         s, z = scale[self.g_idx].t(), zero[self.g_idx].t()
-        codes = torch.clamp(torch.round(self.weight / s + self.offsets) + z, 0, self.spec.maxq)
+        codes = torch.clamp(torch.round(self._unrounded(s)) + z, 0, self.spec.maxq)
         return QuantizedWeight(codes=codes.to(torch.uint8), scales=scale.contiguous(),
                                zeros=zero.to(torch.int32).contiguous(), g_idx=self.g_idx.to(torch.int32),
                                spec=self.spec)
@@ -173,10 +176,7 @@ class LearnedRounding:
         for p, g in zip(self.parameters(), grads):
             if g is not None:
                 p.sub_(torch.sign(g), alpha=lr)
-        if self.anchor is None:
-            self.offsets.clamp_(-OFFSET_BOUND, OFFSET_BOUND)
-        else:
-            self.offsets.copy_(torch.clamp(self.offsets, self.anchor - OFFSET_BOUND, self.anchor + OFFSET_BOUND))
+        self.offsets.clamp_(-OFFSET_BOUND, OFFSET_BOUND)
         for p in self.parameters()[1:]:
             p.clamp_(*CLIP_RANGE)
 
@@ -191,7 +191,7 @@ class LearnedRounding:
     @torch.no_grad()
     def reset(self) -> None:
         """Back to the start: round-to-nearest (V = 0, α = β = 1), or the given start's codes and grid."""
-        self.offsets.copy_(self.anchor if self.anchor is not None else torch.zeros_like(self.offsets))
+        self.offsets.zero_()
         for p in self.parameters()[1:]:
             p.fill_(1.0)
 

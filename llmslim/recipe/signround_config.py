@@ -23,8 +23,8 @@ class SignroundConfig(StepConfig):
     clipping of its range (factors in [0.5, 1]) are optimised by signed
     gradient descent on the layer's output error, through the layer-by-layer
     calibration loop. The start is round-to-nearest, or with ``start: gptq``
-    the layer's GPTQ result (offsets then move 0.5 either way from GPTQ's
-    codes, and a factor in [0.5, 1.5] scales each of GPTQ's group scales).
+    the layer's GPTQ result (GPTQ's grid is kept, and each offset moves at
+    most 0.5 either way from the value GPTQ rounded).
     The target is the full-precision layer on the inputs the quantized layer
     gets (``target: layer``), or the full-precision model's own output of
     that layer (``target: model``, AutoRound's reference, which lets a layer

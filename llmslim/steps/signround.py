@@ -49,6 +49,7 @@ class _LayerRounder:
         self.totals = {"start_error": 0.0, "error": 0.0, "target_norm2": 0.0, "layers_kept_start": 0}
         self.reference: list[torch.Tensor] | None = None   # target model: the full-precision hidden states
         self.times = PhaseTimes()
+        self.gptq = GptqConfig(bits=config.bits, group_size=config.group_size, sym=config.sym, ignore=config.ignore)
 
     def _targets(self, layer, inputs: LayerInputs) -> list[torch.Tensor]:
         """The full-precision layer's outputs: on the inputs it gets, or on the full-precision model's."""
@@ -58,14 +59,13 @@ class _LayerRounder:
         self.reference = run_layer(layer, reference)
         return self.reference
 
-    def _gptq(self, index: int, here: str, layer, inputs: LayerInputs) -> dict[str, dict[str, Any]]:
+    def _gptq(self, index: int, here: str, layer, inputs: LayerInputs, linears) -> dict[str, dict[str, Any]]:
         """Quantize the layer with GPTQ in place (the ``gptq`` step's defaults); by linear, where its
-        learned rounding starts (GPTQ's result, and the weights it rounded)."""
-        cfg = self.config
-        gptq = GptqConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, ignore=cfg.ignore)
-        compressor = GPTQCompressor(gptq, self.ctx.device, keep_rounded=True)
-        compress_layer(compressor, index, here, layer, inputs, ignore=cfg.ignore, times=self.times)
-        return {name: {"start": qw, "rounded": compressor.rounded[name]}
+        learned rounding starts: the original weight, GPTQ's result, and the weights it rounded."""
+        originals = {name: linear_weight(m).detach().clone() for name, m in linears.items()}
+        compressor = GPTQCompressor(self.gptq, self.ctx.device, keep_rounded=True)
+        compress_layer(compressor, index, here, layer, inputs, ignore=self.config.ignore, times=self.times)
+        return {name: {"weight": originals[name], "start": qw, "rounded": compressor.rounded[name]}
                 for name, (qw, _) in compressor.results.items()}
 
     def __call__(self, index: int, layer, inputs: LayerInputs) -> list[dict[str, Any]]:
@@ -74,13 +74,10 @@ class _LayerRounder:
         if not linears:
             return []
         targets = self._targets(layer, inputs)
-        weights = {name: linear_weight(m).detach().clone() for name, m in linears.items()}
-        starts = self._gptq(index, here, layer, inputs) if cfg.start == "gptq" else {}
+        starts = self._gptq(index, here, layer, inputs, linears) if cfg.start == "gptq" else {}
         try:
-            roundings = {name.removeprefix(f"{here}."): LearnedRounding.for_module(m, self.spec, weight=weights[name],
-                                                                                   **starts.get(name, {}))
+            roundings = {name.removeprefix(f"{here}."): LearnedRounding.for_module(m, self.spec, **starts.pop(name, {}))
                          for name, m in linears.items()}
-            del weights
             stats = optimise_layer(layer, roundings, inputs, targets, iters=cfg.iters, lr=cfg.step_size,
                                    seed=self.ctx.seed + index)
         except ValueError as exc:
